@@ -1,0 +1,1 @@
+"""Integrations of the DSA modules with host libraries (Hugging Face transformers)."""

@@ -1,0 +1,3 @@
+from dsa.modules.indexer import LightningIndexer
+
+__all__ = ["LightningIndexer"]

@@ -1,0 +1,41 @@
+"""Chunked PyTorch lightning indexer score: same result as `index_scores_reference`, bounded memory.
+
+The per-head logits [B, Tc, HI, S] exist for one chunk of Tc queries at a time; the head-weighted sum
+is a batched matrix-vector product, so no [B, T, HI, S] tensor is ever held.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsa.ops._checks import check_indexer_inputs
+
+
+def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Return scores [B, Tc, S] fp32 for q_idx [B, Tc, HI, DI], k_idx_t [B, DI, S] fp32, weights [B, Tc, HI].
+
+    No validation: callers pass checked, fp32-transposed keys so a loop over chunks converts them once.
+    """
+    batch, queries, heads, head_dim = q_idx.shape
+    scale = heads**-0.5 * head_dim**-0.5
+    # [B, Tc * HI, DI] @ [B, DI, S] -> [B, Tc, HI, S]
+    logits = torch.bmm(q_idx.float().reshape(batch, queries * heads, head_dim), k_idx_t)
+    logits = logits.view(batch, queries, heads, -1).relu_()
+    # [B, Tc, 1, HI] @ [B, Tc, HI, S] -> [B, Tc, S]
+    head_weights = (weights.float() * scale).unsqueeze(2)
+    return torch.matmul(head_weights, logits).squeeze(2)
+
+
+def index_scores_torch(
+    q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, chunk_size: int = 256
+) -> torch.Tensor:
+    """Return index scores [B, T, S] in fp32 for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI]."""
+    check_indexer_inputs(q_idx, k_idx, weights)
+    k_idx_t = k_idx.float().transpose(1, 2).contiguous()
+    if q_idx.shape[1] <= chunk_size:
+        return index_scores_chunk(q_idx, k_idx_t, weights)
+    chunks = [
+        index_scores_chunk(q_idx[:, start : start + chunk_size], k_idx_t, weights[:, start : start + chunk_size])
+        for start in range(0, q_idx.shape[1], chunk_size)
+    ]
+    return torch.cat(chunks, dim=1)

@@ -1,0 +1,85 @@
+"""Chunked PyTorch top-k selection, equal to `select_topk_reference` (same sets, same order).
+
+Scores exist for one chunk of queries at a time ([B, Tc, S] fp32), so the full [T, S] matrix is never
+held. Ties at the boundary follow the reference's rule without sorting each row: take every score above
+the k-th largest value, then the lowest-index keys equal to it until the row has k keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsa.ops._checks import check_indexer_inputs, resolve_mask_args
+from dsa.ops.indexer.torch import index_scores_chunk
+from dsa.ops.masks import forced_keys, visible_keys
+from dsa.ops.topk.naive import check_selection_args
+
+
+def select_topk_torch(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    weights: torch.Tensor,
+    top_k: int,
+    *,
+    q_start: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sink_tokens: int = 0,
+    local_tokens: int = 0,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI]."""
+    check_indexer_inputs(q_idx, k_idx, weights)
+    check_selection_args(top_k, sink_tokens, local_tokens)
+    batch, queries, keys = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
+    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask)
+    width = min(top_k, keys)
+
+    k_idx_t = k_idx.float().transpose(1, 2).contiguous()  # [B, DI, S]
+    out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
+    for start in range(0, queries, chunk_size):
+        stop = min(start + chunk_size, queries)
+        q_positions = torch.arange(q_start + start, q_start + stop, device=q_idx.device)
+        # Keys beyond the last query's position are invisible to the whole chunk: skip them.
+        span = q_start + stop
+        visible = visible_keys(q_positions, span, _crop(key_padding_mask, span), batch)
+        if span <= width and key_padding_mask is None:
+            # Every visible key fits: the selection is the causal prefix, no scores needed.
+            chosen = visible
+        else:
+            scores = index_scores_chunk(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop])
+            forced = forced_keys(visible, q_positions, _crop(key_padding_mask, span), sink_tokens, local_tokens)
+            chosen = _choose(scores, visible, forced, width)
+        out[:, start:stop] = _ascending_indices(chosen, width)
+    return out
+
+
+def _crop(key_padding_mask: torch.Tensor | None, span: int) -> torch.Tensor | None:
+    return None if key_padding_mask is None else key_padding_mask[:, :span]
+
+
+def _choose(scores: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Return [B, Tc, S'] bool marking each row's min(width, visible) chosen keys."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if forced is not None:
+        scores = scores.masked_fill(forced, float("inf"))
+    count = min(width, scores.shape[-1])
+    # kth: the count-th largest score per row; -inf when the row has fewer visible keys than count.
+    kth = scores.topk(count, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = (scores > kth) & visible
+    tied = (scores == kth) & visible
+    missing = count - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=-1) <= missing))
+
+
+def _ascending_indices(chosen: torch.Tensor, width: int) -> torch.Tensor:
+    """Turn a chosen mask [B, Tc, S'] into indices [B, Tc, width], ascending, -1 in empty slots."""
+    span = chosen.shape[-1]
+    # rank S' - s is larger for lower s, so topk of it lists chosen keys in ascending order.
+    descending_rank = torch.arange(span, 0, -1, device=chosen.device)
+    keyed = torch.where(chosen, descending_rank, 0)
+    count = min(width, span)
+    top = keyed.topk(count, dim=-1).values
+    indices = torch.where(top > 0, span - top, -1)
+    if count < width:
+        indices = torch.nn.functional.pad(indices, (0, width - count), value=-1)
+    return indices

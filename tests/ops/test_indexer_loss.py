@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+from helpers import assert_close
+
+from dsa.ops.indexer_loss import sparse_kl_blockwise, sparse_kl_reference, warmup_kl_blockwise, warmup_kl_reference
+from dsa.ops.topk import select_topk_torch
+
+
+def _inputs(batch, queries, keys, heads=6, kv_heads=2, head_dim=16, index_heads=3, index_dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    return (
+        randn(batch, queries, heads, head_dim),
+        randn(batch, keys, kv_heads, head_dim),
+        randn(batch, queries, index_heads, index_dim),
+        randn(batch, keys, index_dim),
+        randn(batch, queries, index_heads),
+    )
+
+
+def _loss_and_grads(fn, q, k, q_idx, k_idx, w, *args, **kwargs):
+    leaves = [t.clone().requires_grad_() for t in (q, k, q_idx, k_idx, w)]
+    loss = fn(*leaves, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), leaves
+
+
+@pytest.mark.parametrize(("queries", "keys", "q_start"), [(13, 13, None), (111, 111, None), (9, 30, 21), (9, 30, 4)])
+def test_warmup_blockwise_equals_full_matrix(queries, keys, q_start):
+    inputs = _inputs(2, queries, keys, seed=queries)
+    mask = torch.ones(2, keys, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[1, -2:] = False
+    kwargs = dict(q_start=q_start, key_padding_mask=mask)
+    loss_ref, leaves_ref = _loss_and_grads(warmup_kl_reference, *inputs, **kwargs)
+    loss_fast, leaves_fast = _loss_and_grads(warmup_kl_blockwise, *inputs, chunk_elements=700, **kwargs)
+    assert_close("warm-up KL", loss_fast, loss_ref, atol=1e-6, rtol=1e-5)
+    for name, fast, reference in zip(("q_idx", "k_idx", "weights"), leaves_fast[2:], leaves_ref[2:]):
+        assert_close(f"d{name}", fast.grad, reference.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_warmup_gradient_reaches_only_indexer():
+    inputs = _inputs(1, 10, 10)
+    for fn in (warmup_kl_reference, warmup_kl_blockwise):
+        _, leaves = _loss_and_grads(fn, *inputs)
+        assert leaves[0].grad is None and leaves[1].grad is None, f"{fn.__name__} sent gradient into q or k"
+        assert all(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in leaves[2:])
+
+
+def test_warmup_value_for_one_row_by_hand():
+    # One query at position 1, two visible keys, one attention head, one indexer head.
+    q = torch.tensor([[[[1.0, 0.0]], [[2.0, 0.0]]]])  # [B=1, T=2, H=1, D=2]
+    k = torch.tensor([[[[0.0, 0.0]], [[1.0, 0.0]]]])  # [B=1, S=2, HKV=1, D=2]
+    q_idx = torch.tensor([[[[1.0]], [[1.0]]]])  # [B=1, T=2, HI=1, DI=1]
+    k_idx = torch.tensor([[[3.0], [-1.0]]])  # ReLU turns the second score into 0
+    w = torch.ones(1, 2, 1)
+    scale = 2**-0.5
+    p1 = torch.softmax(torch.tensor([0.0, 2.0 * scale]), dim=0)
+    log_pred = torch.log_softmax(torch.tensor([3.0, 0.0]), dim=0)
+    row1 = float((p1 * (p1.log() - log_pred)).sum())
+    expected = (0.0 + row1) / 2  # row 0 sees one key: KL 0; mean over the 2 counted rows
+    for fn in (warmup_kl_reference, warmup_kl_blockwise):
+        assert fn(q, k, q_idx, k_idx, w).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_warmup_fully_masked_rows_not_counted():
+    inputs = _inputs(2, 8, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1] = False
+    only_first = warmup_kl_blockwise(*(t[:1] for t in inputs), key_padding_mask=mask[:1])
+    both = warmup_kl_blockwise(*inputs, key_padding_mask=mask)
+    assert both.item() == pytest.approx(only_first.item(), rel=1e-6)
+    assert math.isfinite(both.item())
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 40])
+def test_sparse_kl_blockwise_equals_reference(top_k):
+    inputs = _inputs(2, 37, 37, seed=top_k)
+    q, k, q_idx, k_idx, w = inputs
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, :6] = False
+    indices = select_topk_torch(q_idx, k_idx, w, top_k, key_padding_mask=mask)
+    loss_ref, leaves_ref = _loss_and_grads(sparse_kl_reference, *inputs, indices)
+    loss_fast, leaves_fast = _loss_and_grads(sparse_kl_blockwise, *inputs, indices, chunk_size=8)
+    assert_close("sparse KL", loss_fast, loss_ref, atol=1e-6, rtol=1e-5)
+    for name, fast, reference in zip(("q_idx", "k_idx", "weights"), leaves_fast[2:], leaves_ref[2:]):
+        assert_close(f"d{name}", fast.grad, reference.grad, atol=1e-7, rtol=1e-5)
+    assert leaves_fast[0].grad is None and leaves_fast[1].grad is None
+
+
+def test_sparse_kl_with_top_k_one_is_zero():
+    # A single selected key: both distributions put all mass on it.
+    q, k, q_idx, k_idx, w = _inputs(1, 12, 12)
+    indices = select_topk_torch(q_idx, k_idx, w, 1)
+    assert sparse_kl_blockwise(q, k, q_idx, k_idx, w, indices).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sparse_kl_equals_warmup_kl_when_all_keys_selected():
+    q, k, q_idx, k_idx, w = _inputs(1, 20, 20, seed=3)
+    indices = select_topk_torch(q_idx, k_idx, w, 64)
+    sparse = sparse_kl_blockwise(q, k, q_idx, k_idx, w, indices)
+    dense = warmup_kl_blockwise(q, k, q_idx, k_idx, w)
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)

@@ -1,0 +1,150 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, assert_within_lowp_error, unique_indices
+
+from dsa.ops.sparse_attention import indices_to_mask, sparse_attention_reference, sparse_attention_torch
+from dsa.ops.topk import select_topk_torch
+
+
+def _qkv(batch, queries, keys, heads, kv_heads, head_dim, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch, keys, kv_heads, head_dim, generator=generator).to(dtype)
+    v = torch.randn(batch, keys, kv_heads, head_dim, generator=generator).to(dtype)
+    return q, k, v
+
+
+def _run(fn, q, k, v, indices, grad_out, **kwargs):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, indices, **kwargs)
+    out.backward(grad_out)
+    return out.detach(), *[t.grad for t in leaves]
+
+
+def _lowp_oracle(q, k, v, indices):
+    """Dense-mask attention computed entirely in the inputs' dtype: PyTorch's own low-precision error."""
+    groups = q.shape[2] // k.shape[2]
+    keep = indices_to_mask(indices, k.shape[1]).unsqueeze(2)
+    logits = torch.einsum("bthd,bshd->bths", q, k.repeat_interleave(groups, 2)) * q.shape[-1] ** -0.5
+    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.einsum("bths,bshd->bthd", probs, v.repeat_interleave(groups, 2))
+
+
+@pytest.mark.parametrize(
+    ("queries", "keys", "heads", "kv_heads", "head_dim", "top_k"),
+    [(13, 13, 4, 2, 64, 5), (111, 130, 9, 3, 48, 17), (7, 50, 6, 1, 80, 50), (1, 300, 8, 8, 32, 64)],
+)
+def test_fast_matches_reference_fp32(queries, keys, heads, kv_heads, head_dim, top_k):
+    q, k, v = _qkv(2, queries, keys, heads, kv_heads, head_dim, seed=queries)
+    indices = unique_indices(2, queries, keys, min(top_k, keys), 0.2, torch.Generator().manual_seed(1))
+    indices[0, 0] = -1  # one fully empty row
+    grad_out = torch.randn(2, queries, heads, head_dim)
+    reference = _run(sparse_attention_reference, q, k, v, indices, grad_out)
+    fast = _run(sparse_attention_torch, q, k, v, indices, grad_out, chunk_size=16)
+    for label, actual, expected in zip(("out", "dq", "dk", "dv"), fast, reference):
+        assert_close(label, actual, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_lse_matches_reference():
+    q, k, v = _qkv(1, 20, 30, 4, 2, 16)
+    indices = unique_indices(1, 20, 30, 8, 0.3, torch.Generator().manual_seed(2))
+    indices[0, 3] = -1
+    _, lse_reference = sparse_attention_reference(q, k, v, indices, return_lse=True)
+    _, lse_fast = sparse_attention_torch(q, k, v, indices, return_lse=True)
+    assert torch.isinf(lse_fast[0, 3]).all() and (lse_fast[0, 3] > 0).all()
+    assert_close("lse", lse_fast, lse_reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_pytorch_error(dtype):
+    q, k, v = _qkv(1, 40, 60, 6, 2, 64, dtype=dtype, seed=7)
+    indices = unique_indices(1, 40, 60, 16, 0.1, torch.Generator().manual_seed(3))
+    grad_out = torch.randn(1, 40, 6, 64).to(dtype)
+    truth = _run(sparse_attention_reference, q.float(), k.float(), v.float(), indices, grad_out.float())
+    own = _run(lambda a, b, c, i: _lowp_oracle(a, b, c, i), q, k, v, indices, grad_out)
+    fast = _run(sparse_attention_torch, q, k, v, indices, grad_out)
+    for label, actual, expected, pytorch_lowp in zip(("out", "dq", "dk", "dv"), fast, truth, own):
+        assert actual.dtype == dtype
+        assert_within_lowp_error(f"{label} {dtype}", actual.float(), expected, pytorch_lowp.float())
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 48), (8, 2, 80)])
+def test_short_sequence_equals_sdpa(heads, kv_heads, head_dim):
+    # With T <= top_k every query selects all its visible keys: sparse attention is dense causal attention.
+    q, k, v = _qkv(2, 37, 37, heads, kv_heads, head_dim, seed=heads)
+    generator = torch.Generator().manual_seed(0)
+    q_idx, k_idx, w = torch.randn(2, 37, 2, 8, generator=generator), torch.randn(2, 37, 8, generator=generator), torch.randn(2, 37, 2, generator=generator)
+    indices = select_topk_torch(q_idx, k_idx, w, 64)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    assert_close("sparse vs SDPA", sparse_attention_torch(q, k, v, indices), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_rows_give_zero_and_finite_gradients():
+    q, k, v = _qkv(1, 5, 8, 2, 1, 16)
+    indices = torch.full((1, 5, 3), -1)
+    indices[0, 2] = torch.tensor([0, 4, -1])
+    grad_out = torch.ones(1, 5, 2, 16)
+    for fn in (sparse_attention_reference, sparse_attention_torch):
+        out, dq, dk, dv = _run(fn, q, k, v, indices, grad_out)
+        assert (out[0, [0, 1, 3, 4]] == 0).all()
+        for label, tensor in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+            assert torch.isfinite(tensor).all(), f"{fn.__name__} {label} has NaN or inf"
+        assert (dq[0, [0, 1, 3, 4]] == 0).all()
+        assert (dk[0, [1, 2, 3, 5, 6, 7]] == 0).all()
+
+
+def test_later_token_never_changes_earlier_output():
+    q, k, v = _qkv(1, 40, 40, 4, 2, 16, seed=5)
+    q_idx, k_idx, w = torch.randn(1, 40, 2, 8), torch.randn(1, 40, 8), torch.randn(1, 40, 2)
+    before = sparse_attention_torch(q, k, v, select_topk_torch(q_idx, k_idx, w, 6))
+    q[:, 25:] += 3
+    k[:, 25:] *= -2
+    v[:, 25:] += 1
+    k_idx[:, 25:] = torch.randn(1, 15, 8) * 9
+    after = sparse_attention_torch(q, k, v, select_topk_torch(q_idx, k_idx, w, 6))
+    assert torch.equal(before[:, :25], after[:, :25])
+
+
+def test_decode_rows_equal_prefill_rows():
+    q, k, v = _qkv(2, 64, 64, 6, 3, 32, seed=8)
+    q_idx, k_idx, w = torch.randn(2, 64, 2, 8), torch.randn(2, 64, 8), torch.randn(2, 64, 2)
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[1, :5] = False
+    prefill = sparse_attention_torch(q, k, v, select_topk_torch(q_idx, k_idx, w, 10, key_padding_mask=mask))
+    for t in range(40, 64):
+        indices = select_topk_torch(q_idx[:, t : t + 1], k_idx[:, : t + 1], w[:, t : t + 1], 10, key_padding_mask=mask[:, : t + 1])
+        step = sparse_attention_torch(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], indices)
+        assert_close(f"decode step {t}", step[:, 0], prefill[:, t], atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_row_equals_row_alone(side):
+    q, k, v = _qkv(1, 30, 30, 4, 2, 16, seed=9)
+    q_idx, k_idx, w = torch.randn(1, 30, 2, 8), torch.randn(1, 30, 8), torch.randn(1, 30, 2)
+    alone = sparse_attention_torch(q, k, v, select_topk_torch(q_idx, k_idx, w, 7))
+    pad = 5
+
+    def padded(x):
+        filler = torch.randn(1, pad, *x.shape[2:]) * 100
+        return torch.cat([filler, x] if side == "left" else [x, filler], dim=1)
+
+    mask = torch.ones(1, 30 + pad, dtype=torch.bool)
+    if side == "left":
+        mask[:, :pad] = False
+    else:
+        mask[:, 30:] = False
+    indices = select_topk_torch(padded(q_idx), padded(k_idx), padded(w), 7, key_padding_mask=mask)
+    out = sparse_attention_torch(padded(q), padded(k), padded(v), indices)
+    rows = out[:, pad:] if side == "left" else out[:, :30]
+    assert_close(f"{side}-padded row", rows, alone, atol=1e-6)
+
+
+def test_chunk_size_does_not_change_result():
+    q, k, v = _qkv(1, 50, 50, 4, 2, 16)
+    indices = unique_indices(1, 50, 50, 12, 0.2, torch.Generator().manual_seed(4))
+    whole = sparse_attention_torch(q, k, v, indices, chunk_size=1000)
+    for chunk in (1, 7, 16):
+        assert_close(f"chunk {chunk}", sparse_attention_torch(q, k, v, indices, chunk_size=chunk), whole, atol=1e-6)

@@ -1,0 +1,186 @@
+import pytest
+import torch
+
+import dsa.ops.topk.torch as topk_torch_module
+from dsa.ops.indexer import index_scores_reference
+from dsa.ops.topk import select_topk_reference, select_topk_torch
+
+SELECTORS = [select_topk_reference, select_topk_torch]
+
+
+def _inputs(batch, queries, keys, heads=3, head_dim=16, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch, keys, head_dim, generator=generator).to(dtype)
+    w = torch.randn(batch, queries, heads, generator=generator).to(dtype)
+    return q, k, w
+
+
+def _left_padded_mask(batch, keys, pads):
+    mask = torch.ones(batch, keys, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = False
+    return mask
+
+
+@pytest.mark.parametrize("top_k", [1, 4, 16, 200])
+@pytest.mark.parametrize(("queries", "keys"), [(13, 13), (111, 111), (7, 40)])
+@pytest.mark.parametrize(("sink", "local"), [(0, 0), (1, 0), (0, 1)])
+def test_fast_equals_reference(top_k, queries, keys, sink, local):
+    q, k, w = _inputs(2, queries, keys, seed=queries + top_k)
+    mask = _left_padded_mask(2, keys, [0, 3])
+    args = dict(key_padding_mask=mask, sink_tokens=sink, local_tokens=local)
+    expected = select_topk_reference(q, k, w, top_k, **args)
+    actual = select_topk_torch(q, k, w, top_k, chunk_size=8, **args)
+    assert actual.dtype == torch.int64
+    assert torch.equal(actual, expected)
+
+
+def test_sinks_and_local_window_with_padding():
+    q, k, w = _inputs(2, 30, 30, seed=4)
+    mask = _left_padded_mask(2, 30, [0, 5])
+    for select in SELECTORS:
+        indices = select(q, k, w, 8, key_padding_mask=mask, sink_tokens=2, local_tokens=3)
+        for row, pad in enumerate([0, 5]):
+            for t in range(pad + 5, 30):
+                chosen = set(indices[row, t].tolist())
+                assert {pad, pad + 1} <= chosen, f"sinks missing for row {row}, query {t}"
+                assert {t - 2, t - 1, t} <= chosen, f"local window missing for row {row}, query {t}"
+
+
+def test_selected_scores_are_the_largest():
+    q, k, w = _inputs(1, 50, 50, seed=9)
+    scores = index_scores_reference(q, k, w)
+    indices = select_topk_torch(q, k, w, 10)
+    for t in range(10, 50):
+        visible = scores[0, t, : t + 1]
+        chosen = indices[0, t]
+        threshold = visible[chosen].min()
+        unchosen = torch.ones(t + 1, dtype=torch.bool)
+        unchosen[chosen] = False
+        assert (visible[unchosen] <= threshold).all()
+
+
+def test_width_and_empty_slots_when_top_k_exceeds_keys():
+    q, k, w = _inputs(1, 6, 6)
+    for select in SELECTORS:
+        indices = select(q, k, w, 50)
+        assert indices.shape == (1, 6, 6)  # K = min(top_k, S)
+        for t in range(6):
+            assert indices[0, t, : t + 1].tolist() == list(range(t + 1))
+            assert (indices[0, t, t + 1 :] == -1).all()
+
+
+def test_cached_prefix_gives_non_square_mask():
+    q, k, w = _inputs(1, 4, 20, seed=2)
+    for select in SELECTORS:
+        indices = select(q, k, w, 30, q_start=16)  # queries at positions 16..19
+        assert indices.shape == (1, 4, 20)
+        for t in range(4):
+            valid = indices[0, t][indices[0, t] >= 0]
+            assert valid.tolist() == list(range(16 + t + 1))
+
+
+def test_all_zero_queries_follow_tie_rule():
+    q, k, w = _inputs(2, 40, 40)
+    q = torch.zeros_like(q)  # every visible score is exactly 0
+    mask = _left_padded_mask(2, 40, [0, 6])
+    for select in SELECTORS:
+        first = select(q, k, w, 5, key_padding_mask=mask, chunk_size=7)
+        second = select(q, k, w, 5, key_padding_mask=mask, chunk_size=7)
+        assert torch.equal(first, second)
+        # lowest_index rule: the five earliest visible keys.
+        assert first[0, -1].tolist() == [0, 1, 2, 3, 4]
+        assert first[1, -1].tolist() == [6, 7, 8, 9, 10]
+
+
+def test_ties_at_boundary_keep_lowest_index():
+    # Scores by construction: key s gets score 1 for s in {2, 5, 7, 9}, 0 otherwise (ties everywhere).
+    keys = 12
+    k = torch.zeros(1, keys, 2)
+    k[0, [2, 5, 7, 9], 0] = 1.0
+    k[0, :, 1] = 0.0
+    q = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    w = torch.ones(1, 1, 1)
+    for select in SELECTORS:
+        assert select(q, k, w, 3, q_start=keys - 1)[0, 0].tolist() == [2, 5, 7]
+        assert select(q, k, w, 6, q_start=keys - 1)[0, 0].tolist() == [0, 1, 2, 5, 7, 9]
+
+
+def test_later_token_never_changes_earlier_selection():
+    q, k, w = _inputs(1, 60, 60, seed=11)
+    before = select_topk_torch(q, k, w, 8, chunk_size=16)
+    q2, k2, w2 = q.clone(), k.clone(), w.clone()
+    q2[:, 40:] += 5.0
+    k2[:, 40:] = torch.randn_like(k2[:, 40:]) * 10
+    w2[:, 40:] *= -1
+    after = select_topk_torch(q2, k2, w2, 8, chunk_size=16)
+    assert torch.equal(before[:, :40], after[:, :40])
+    assert not torch.equal(before[:, 40:], after[:, 40:])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_row_equals_row_alone(side):
+    q, k, w = _inputs(1, 25, 25, seed=12)
+    pad = 6
+    alone = select_topk_torch(q, k, w, 7)
+
+    def padded(x):
+        filler = torch.randn(1, pad, *x.shape[2:])
+        return torch.cat([filler, x] if side == "left" else [x, filler], dim=1)
+
+    mask = torch.ones(1, 25 + pad, dtype=torch.bool)
+    if side == "left":
+        mask[:, :pad] = False
+    else:
+        mask[:, 25:] = False
+    batched = select_topk_torch(padded(q), padded(k), padded(w), 7, key_padding_mask=mask)
+    rows = batched[:, pad:] if side == "left" else batched[:, :25]
+    # Shift back to the row's own positions; padding is never selected.
+    shifted = torch.where(rows >= 0, rows - (pad if side == "left" else 0), rows)
+    assert torch.equal(shifted, alone)
+    selected = rows[rows >= 0]
+    assert mask[0, selected].all(), "a padding key was selected"
+
+
+def test_decode_rows_equal_prefill_rows():
+    q, k, w = _inputs(2, 50, 50, seed=13)
+    mask = _left_padded_mask(2, 50, [0, 4])
+    prefill = select_topk_torch(q, k, w, 9, key_padding_mask=mask)
+    for t in range(30, 50):
+        step = select_topk_torch(
+            q[:, t : t + 1], k[:, : t + 1], w[:, t : t + 1], 9, key_padding_mask=mask[:, : t + 1]
+        )
+        # The decode step sees S = t + 1 keys, so its width is min(9, t + 1) = 9 as in the prefill.
+        assert torch.equal(step[:, 0], prefill[:, t])
+
+
+def test_fully_masked_row_is_all_empty():
+    q, k, w = _inputs(2, 9, 9)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1] = False
+    for select in SELECTORS:
+        indices = select(q, k, w, 4, key_padding_mask=mask)
+        assert (indices[1] == -1).all()
+        assert (indices[0, -1] >= 0).all()
+
+
+def test_chunks_bound_score_matrix(monkeypatch):
+    seen = []
+    original = topk_torch_module.index_scores_chunk
+
+    def recording(q_idx, k_idx_t, weights):
+        seen.append(q_idx.shape[1])
+        return original(q_idx, k_idx_t, weights)
+
+    monkeypatch.setattr(topk_torch_module, "index_scores_chunk", recording)
+    q, k, w = _inputs(1, 100, 100)
+    select_topk_torch(q, k, w, 4, chunk_size=16)
+    assert seen and max(seen) <= 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_select_same_as_fp32_of_same_values(dtype):
+    q, k, w = _inputs(1, 40, 40, dtype=dtype, seed=21)
+    expected = select_topk_reference(q.float(), k.float(), w.float(), 8)
+    assert torch.equal(select_topk_torch(q, k, w, 8), expected)
