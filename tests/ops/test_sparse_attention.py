@@ -148,3 +148,17 @@ def test_chunk_size_does_not_change_result():
     whole = sparse_attention_torch(q, k, v, indices, chunk_size=1000)
     for chunk in (1, 7, 16):
         assert_close(f"chunk {chunk}", sparse_attention_torch(q, k, v, indices, chunk_size=chunk), whole, atol=1e-6)
+
+
+def test_heads_first_cache_layout_read_in_place():
+    # Hugging Face caches keep keys as [B, HKV, S, D]; the operator takes the transposed view as is.
+    q, k, v = _qkv(2, 9, 40, 6, 3, 16, seed=10)
+    indices = unique_indices(2, 9, 40, 12, 0.2, torch.Generator().manual_seed(5))
+    k_view = k.transpose(1, 2).contiguous().transpose(1, 2)
+    v_view = v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not k_view.is_contiguous()
+    grad_out = torch.randn(2, 9, 6, 16)
+    expected = _run(sparse_attention_torch, q, k, v, indices, grad_out)
+    actual = _run(sparse_attention_torch, q, k_view, v_view, indices, grad_out)
+    for label, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert_close(f"heads-first {label}", a, e, atol=1e-6)

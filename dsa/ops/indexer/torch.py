@@ -31,7 +31,7 @@ def index_scores_torch(
 ) -> torch.Tensor:
     """Return index scores [B, T, S] in fp32 for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI]."""
     check_indexer_inputs(q_idx, k_idx, weights)
-    k_idx_t = k_idx.float().transpose(1, 2).contiguous()
+    k_idx_t = k_idx.float().transpose(1, 2)
     if q_idx.shape[1] <= chunk_size:
         return index_scores_chunk(q_idx, k_idx_t, weights)
     chunks = [

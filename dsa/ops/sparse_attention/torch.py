@@ -13,14 +13,29 @@ import torch
 from dsa.ops._checks import check_attention_inputs
 
 
-def _gather_rows(x: torch.Tensor, flat_indices: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Gather x [B, S, HKV, D] at flat row ids [B * Tc * K] into fp32 [B, Tc, K, HKV, D]."""
-    rows = x.reshape(-1, x.shape[2] * x.shape[3]).index_select(0, flat_indices)
-    return rows.view(*shape, x.shape[2], x.shape[3]).float()
+def _gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Gather x [B, S, HKV, D] at indices [B, Tc, K] (no -1 left) into fp32 [B, Tc, K, HKV, D].
+
+    x may be contiguous or a transposed view of a [B, HKV, S, D] tensor (the Hugging Face cache
+    layout); both are read in place, so a decode step never copies the cache.
+    """
+    batch, keys, kv_heads, head_dim = x.shape
+    shape = (*indices.shape, kv_heads, head_dim)
+    if x.is_contiguous():
+        offsets = torch.arange(batch, device=x.device).view(-1, 1, 1) * keys
+        rows = x.view(batch * keys, kv_heads * head_dim).index_select(0, (indices + offsets).flatten())
+        return rows.view(shape).float()
+    heads_first = x.transpose(1, 2)
+    if not heads_first.is_contiguous():
+        heads_first = heads_first.contiguous()
+    # Row of (b, n, s) in the flattened [B * HKV * S, D] view is (b * HKV + n) * S + s.
+    bases = (torch.arange(batch * kv_heads, device=x.device) * keys).view(batch, 1, 1, kv_heads)
+    rows = heads_first.reshape(-1, head_dim).index_select(0, (indices.unsqueeze(-1) + bases).flatten())
+    return rows.view(shape).float()
 
 
 def _flat_indices(indices: torch.Tensor, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return row ids into the flattened [B * S] key axis (empty slots point at row 0) and the valid mask."""
+    """Return row ids into a contiguous [B * S] key axis (empty slots point at row 0) and the valid mask."""
     valid = indices >= 0
     offsets = torch.arange(indices.shape[0], device=indices.device).view(-1, 1, 1) * keys
     return (indices.clamp_min(0) + offsets).flatten(), valid
@@ -39,15 +54,15 @@ class _SparseAttention(torch.autograd.Function):
         batch, queries, heads, head_dim = q.shape
         keys, kv_heads = k.shape[1], k.shape[2]
         groups = heads // kv_heads
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(batch, queries, heads, dtype=torch.float32, device=q.device)
         for start in range(0, queries, chunk_size):
             stop = min(start + chunk_size, queries)
             idx = indices[:, start:stop]
-            flat, valid = _flat_indices(idx, keys)
-            k_sel = _gather_rows(k, flat, tuple(idx.shape))
-            v_sel = _gather_rows(v, flat, tuple(idx.shape))
-            q_chunk = q[:, start:stop].float().view(batch, stop - start, kv_heads, groups, head_dim)
+            valid = idx >= 0
+            k_sel = _gather_rows(k, idx.clamp_min(0))
+            v_sel = _gather_rows(v, idx.clamp_min(0))
+            q_chunk = q[:, start:stop].float().reshape(batch, stop - start, kv_heads, groups, head_dim)
             logits = _chunk_logits(q_chunk, k_sel, valid, scale)
             row_max = logits.amax(dim=-1, keepdim=True)
             row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -71,7 +86,7 @@ class _SparseAttention(torch.autograd.Function):
         batch, queries, heads, head_dim = q.shape
         keys, kv_heads = k.shape[1], k.shape[2]
         groups = heads // kv_heads
-        grad_q = torch.empty_like(q)
+        grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(batch * keys, kv_heads * head_dim, dtype=torch.float32, device=q.device)
         grad_v = torch.zeros_like(grad_k)
         if grad_out is None:
@@ -81,17 +96,17 @@ class _SparseAttention(torch.autograd.Function):
             width = stop - start
             idx = indices[:, start:stop]
             flat, valid = _flat_indices(idx, keys)
-            k_sel = _gather_rows(k, flat, tuple(idx.shape))
-            v_sel = _gather_rows(v, flat, tuple(idx.shape))
+            k_sel = _gather_rows(k, idx.clamp_min(0))
+            v_sel = _gather_rows(v, idx.clamp_min(0))
             grouped = (batch, width, kv_heads, groups, head_dim)
-            q_chunk = q[:, start:stop].float().view(grouped)
-            d_out = grad_out[:, start:stop].float().view(grouped)
+            q_chunk = q[:, start:stop].float().reshape(grouped)
+            d_out = grad_out[:, start:stop].float().reshape(grouped)
             probs = torch.exp(_chunk_logits(q_chunk, k_sel, valid, scale) - lse[:, start:stop].view(grouped[:-1]).unsqueeze(-1))
             # dV[s] += sum_g p[g, s] dO[g]: [B, Tc, HKV, K, G] @ [B, Tc, HKV, G, D] -> [B, Tc, HKV, K, D]
             d_v_sel = torch.matmul(probs.transpose(-1, -2), d_out)
             # dP = dO V^T, then dS = P * (dP - rowsum(dO * O)).
             d_probs = torch.matmul(d_out, v_sel.permute(0, 1, 3, 4, 2))
-            delta = (d_out * out[:, start:stop].float().view(grouped)).sum(dim=-1, keepdim=True)
+            delta = (d_out * out[:, start:stop].float().reshape(grouped)).sum(dim=-1, keepdim=True)
             if grad_lse is not None:
                 delta = delta - grad_lse[:, start:stop].float().view(grouped[:-1]).unsqueeze(-1)
             d_logits = probs * (d_probs - delta) * scale
@@ -127,5 +142,5 @@ def sparse_attention_torch(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid; expected an integer >= 1.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = _SparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), indices, scale, chunk_size)
+    out, lse = _SparseAttention.apply(q, k, v, indices, scale, chunk_size)
     return (out, lse) if return_lse else out

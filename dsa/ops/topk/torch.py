@@ -34,7 +34,7 @@ def select_topk_torch(
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask)
     width = min(top_k, keys)
 
-    k_idx_t = k_idx.float().transpose(1, 2).contiguous()  # [B, DI, S]
+    k_idx_t = k_idx.float().transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
     for start in range(0, queries, chunk_size):
         stop = min(start + chunk_size, queries)
