@@ -39,12 +39,25 @@ def check_indexer_inputs(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torc
 
 
 def resolve_mask_args(
-    queries: int, keys: int, batch: int, q_start: int | None, key_padding_mask: torch.Tensor | None
+    queries: int,
+    keys: int,
+    batch: int,
+    q_start: int | None,
+    key_padding_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
 ) -> int:
-    """Check the causal offset and the padding mask; return q_start (default S - T).
+    """Check the causal offset and the masks; return q_start (default S - T).
 
-    Query t sits at key position q_start + t and sees keys s <= q_start + t that the padding mask keeps.
+    Query t sits at key position q_start + t and sees keys s <= q_start + t that the padding mask
+    [B, S] and the optional attention mask [B, T, S] both keep.
     """
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise TypeError(f"attention_mask has dtype {attention_mask.dtype}; expected torch.bool (True = may attend).")
+        if tuple(attention_mask.shape) != (batch, queries, keys):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected [B, T, S] = {(batch, queries, keys)}."
+            )
     if q_start is None:
         q_start = keys - queries
     if not isinstance(q_start, int) or isinstance(q_start, bool):

@@ -10,14 +10,24 @@ import torch
 
 
 def visible_keys(
-    q_positions: torch.Tensor, keys: int, key_padding_mask: torch.Tensor | None, batch: int
+    q_positions: torch.Tensor,
+    keys: int,
+    key_padding_mask: torch.Tensor | None,
+    batch: int,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return visibility [B, Tc, S] (bool) for queries at key positions q_positions [Tc]."""
+    """Return visibility [B, Tc, S] (bool) for queries at key positions q_positions [Tc].
+
+    attention_mask: optional [B, Tc, S] bool rows of an extra mask (True = may attend), ANDed in.
+    """
     key_positions = torch.arange(keys, device=q_positions.device)
     causal = key_positions.unsqueeze(0) <= q_positions.unsqueeze(1)  # [Tc, S]
-    if key_padding_mask is None:
-        return causal.unsqueeze(0).expand(batch, -1, -1)
-    return causal.unsqueeze(0) & key_padding_mask.unsqueeze(1)
+    visible = causal.unsqueeze(0)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.unsqueeze(1)
+    if attention_mask is not None:
+        visible = visible & attention_mask
+    return visible.expand(batch, -1, -1)
 
 
 def query_is_kept(

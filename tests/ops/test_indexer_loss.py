@@ -106,3 +106,13 @@ def test_sparse_kl_equals_warmup_kl_when_all_keys_selected():
     sparse = sparse_kl_blockwise(q, k, q_idx, k_idx, w, indices)
     dense = warmup_kl_blockwise(q, k, q_idx, k_idx, w)
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def test_warmup_blockwise_with_attention_mask():
+    inputs = _inputs(2, 24, 24, seed=5)
+    document = (torch.arange(24) >= 10).long()
+    same_document = (document.view(-1, 1) == document.view(1, -1)).unsqueeze(0).expand(2, -1, -1)
+    loss_ref, leaves_ref = _loss_and_grads(warmup_kl_reference, *inputs, attention_mask=same_document)
+    loss_fast, leaves_fast = _loss_and_grads(warmup_kl_blockwise, *inputs, attention_mask=same_document, chunk_elements=500)
+    assert_close("masked warm-up KL", loss_fast, loss_ref, atol=1e-6, rtol=1e-5)
+    assert_close("masked dk_idx", leaves_fast[3].grad, leaves_ref[3].grad, atol=1e-7, rtol=1e-5)

@@ -184,3 +184,18 @@ def test_low_precision_inputs_select_same_as_fp32_of_same_values(dtype):
     q, k, w = _inputs(1, 40, 40, dtype=dtype, seed=21)
     expected = select_topk_reference(q.float(), k.float(), w.float(), 8)
     assert torch.equal(select_topk_torch(q, k, w, 8), expected)
+
+
+def test_attention_mask_restricts_selection():
+    # A block-diagonal mask (two packed documents) keeps every selection inside its own document.
+    q, k, w = _inputs(1, 30, 30, seed=14)
+    positions = torch.arange(30)
+    document = (positions >= 12).long()
+    same_document = (document.view(-1, 1) == document.view(1, -1)).unsqueeze(0)
+    for select in SELECTORS:
+        indices = select(q, k, w, 5, attention_mask=same_document)
+        for t in range(30):
+            chosen = indices[0, t][indices[0, t] >= 0]
+            assert (document[chosen] == document[t]).all()
+    expected = select_topk_reference(q, k, w, 5, attention_mask=same_document)
+    assert torch.equal(select_topk_torch(q, k, w, 5, attention_mask=same_document, chunk_size=7), expected)

@@ -54,6 +54,7 @@ def warmup_kl_reference(
     *,
     q_start: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """Return the mean warm-up KL (scalar fp32) for attention q [B, T, H, D], k [B, S, HKV, D] and
@@ -65,11 +66,11 @@ def warmup_kl_reference(
     check_float("k", k, 4)
     check_indexer_inputs(q_idx, k_idx, weights)
     batch, queries, keys = q.shape[0], q.shape[1], k.shape[1]
-    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask)
+    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     q_positions = torch.arange(q_start, q_start + queries, device=q.device)
-    keep = visible_keys(q_positions, keys, key_padding_mask, batch)
+    keep = visible_keys(q_positions, keys, key_padding_mask, batch, attention_mask)
     with torch.no_grad():
         target = _head_mean_probs(q, k, keep, scale)
     rows = _kl_rows(target, index_scores_reference(q_idx, k_idx, weights), keep)

@@ -32,11 +32,11 @@ def _head_mean_probs(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(logits, dim=-1) * has_key).mean(dim=(2, 3))
 
 
-def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, q_positions, padding, scale):
+def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, q_positions, padding, rows_mask, scale):
     batch, width, heads, head_dim = q_block.shape
     kv_heads = k_t.shape[1]
     # Built here rather than passed in, so checkpointing does not keep one [B, Tc, S'] mask per block.
-    keep = visible_keys(q_positions, k_t.shape[-1], padding, batch)
+    keep = visible_keys(q_positions, k_t.shape[-1], padding, batch, rows_mask)
     with torch.no_grad():
         grouped = q_block.float().view(batch, width, kv_heads, heads // kv_heads, head_dim)
         # [B, Tc, HKV, G, D] @ [B, 1, HKV, D, S'] -> [B, Tc, HKV, G, S']
@@ -66,6 +66,7 @@ def warmup_kl_blockwise(
     *,
     q_start: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """Return the mean warm-up KL (scalar fp32); same contract as `warmup_kl_reference`."""
@@ -74,7 +75,7 @@ def warmup_kl_blockwise(
     check_indexer_inputs(q_idx, k_idx, weights)
     batch, queries, heads = q.shape[0], q.shape[1], q.shape[2]
     keys = k.shape[1]
-    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask)
+    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     block = max(1, chunk_elements // max(1, batch * heads * keys))
 
@@ -87,6 +88,8 @@ def warmup_kl_blockwise(
         q_positions = torch.arange(q_start + start, q_start + stop, device=q.device)
         span = q_start + stop  # later keys are invisible to every query of the block
         padding = None if key_padding_mask is None else key_padding_mask[:, :span]
+        # A slice of the caller's mask is a view, so checkpointing keeps no copy of it.
+        rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
         rows = checkpoint(
             _warmup_block,
             q[:, start:stop].detach(),
@@ -96,10 +99,15 @@ def warmup_kl_blockwise(
             weights[:, start:stop],
             q_positions,
             padding,
+            rows_mask,
             scale,
             use_reentrant=False,
         )
-        rows_counted = query_is_kept(q_positions, key_padding_mask, batch) & _has_visible_key(q_positions, padding)
+        if rows_mask is None:
+            has_key = _has_visible_key(q_positions, padding)
+        else:
+            has_key = visible_keys(q_positions, span, padding, batch, rows_mask).any(dim=-1)
+        rows_counted = query_is_kept(q_positions, key_padding_mask, batch) & has_key
         total = total + (rows * rows_counted).sum()
         counted += int(rows_counted.sum())
     return total / max(counted, 1)

@@ -23,22 +23,24 @@ def select_topk_reference(
     *,
     q_start: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     sink_tokens: int = 0,
     local_tokens: int = 0,
     chunk_size: int = 256,
 ) -> torch.Tensor:
     """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
 
-    `chunk_size` is accepted for signature parity with the fast path and ignored here.
+    key_padding_mask [B, S] and attention_mask [B, T, S] (bool, True = keep) restrict the causal
+    visibility further; sink and local tokens count kept keys only. `chunk_size` is accepted for signature parity with the fast path and ignored here.
     """
     check_indexer_inputs(q_idx, k_idx, weights)
     check_selection_args(top_k, sink_tokens, local_tokens)
     batch, queries, keys = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
-    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask)
+    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
 
     scores = index_scores_reference(q_idx, k_idx, weights)  # [B, T, S]
     q_positions = torch.arange(q_start, q_start + queries, device=q_idx.device)
-    visible = visible_keys(q_positions, keys, key_padding_mask, batch)
+    visible = visible_keys(q_positions, keys, key_padding_mask, batch, attention_mask)
     forced = forced_keys(visible, q_positions, key_padding_mask, sink_tokens, local_tokens)
     width = min(top_k, keys)
     indices = torch.full((batch, queries, width), -1, dtype=torch.int64, device=q_idx.device)

@@ -23,6 +23,7 @@ def select_topk_torch(
     *,
     q_start: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     sink_tokens: int = 0,
     local_tokens: int = 0,
     chunk_size: int = 256,
@@ -31,7 +32,7 @@ def select_topk_torch(
     check_indexer_inputs(q_idx, k_idx, weights)
     check_selection_args(top_k, sink_tokens, local_tokens)
     batch, queries, keys = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
-    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask)
+    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     width = min(top_k, keys)
 
     k_idx_t = k_idx.float().transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
@@ -41,8 +42,9 @@ def select_topk_torch(
         q_positions = torch.arange(q_start + start, q_start + stop, device=q_idx.device)
         # Keys beyond the last query's position are invisible to the whole chunk: skip them.
         span = q_start + stop
-        visible = visible_keys(q_positions, span, _crop(key_padding_mask, span), batch)
-        if span <= width and key_padding_mask is None:
+        rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
+        visible = visible_keys(q_positions, span, _crop(key_padding_mask, span), batch, rows_mask)
+        if span <= width and key_padding_mask is None and attention_mask is None:
             # Every visible key fits: the selection is the causal prefix, no scores needed.
             chosen = visible
         else:
