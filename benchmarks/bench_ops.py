@@ -1,0 +1,722 @@
+"""Time DSA's operators against dense attention on SmolLM2-135M layer shapes, fp32 on the CPU.
+
+The DSA path is `select_topk_torch` (lightning indexer scores and top-k selection, fused per chunk of
+queries) followed by `sparse_attention_torch`. The dense path is PyTorch's
+`scaled_dot_product_attention` with causal masking and grouped-query attention. Both paths get random
+inputs: the indexer projections (hidden state -> q_idx, k_idx, weights) are not part of this
+operator-level benchmark.
+
+Every (path, size) case runs in a fresh child process, which runs one warm-up call, checks that call's
+output against the reference operators, then times `--repeats` calls and reports their times and the
+growth of its resident set. Correctness is checked before anything is timed: a failed check stops the
+run with exit status 1.
+
+    python benchmarks/bench_ops.py            # full sweep, 20-40 minutes on a 2-core CPU
+    python benchmarks/bench_ops.py --quick    # short sweep
+    python benchmarks/bench_ops.py --help
+
+docs/benchmarks.md describes what is measured and records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# Benchmark the checkout this script belongs to, even when another `dsa` is installed.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import dsa  # noqa: E402
+from dsa.ops.indexer import index_scores_reference  # noqa: E402
+from dsa.ops.sparse_attention import sparse_attention_reference, sparse_attention_torch  # noqa: E402
+from dsa.ops.topk import select_topk_reference, select_topk_torch  # noqa: E402
+
+# ---- the sweep, declared once ------------------------------------------------------------------------
+
+# Prefill: T queries attend causally to the same T keys. Decode: one query at position S - 1 attends
+# to a cache of S keys.
+PREFILL_TOKENS: tuple[int, ...] = (4096, 8192, 16384, 32768)
+DECODE_CACHE_TOKENS: tuple[int, ...] = (8192, 16384, 32768, 65536, 131072)
+QUICK_PREFILL_TOKENS: tuple[int, ...] = (1024, 2048)
+QUICK_DECODE_CACHE_TOKENS: tuple[int, ...] = (8192, 16384)
+TIERS: tuple[str, ...] = ("prefill", "decode")
+PATHS: tuple[str, ...] = ("dense", "dsa")
+
+# SmolLM2-135M attention layer: 9 query heads, 3 key/value heads, head dim 64. The indexer sizes
+# (HI heads of DI dims) come from the DSA preset of the same name.
+MODEL_PRESET = "smollm2-135m"
+BATCH = 1
+QUERY_HEADS = 9
+KV_HEADS = 3
+HEAD_DIM = 64
+DTYPE = torch.float32
+
+# Small shape of the pre-run checks against the slow references (select_topk_reference loops in Python).
+SMALL_CHECK_TOKENS = 300
+SMALL_CHECK_TOP_K = 64
+# Prefill rows beyond top_k whose selection and output are compared with the references in each case.
+SAMPLE_ROWS = 4
+ATOL = 1e-5
+RTOL = 1e-5
+# Index scores of the fast path and the reference differ by fp32 rounding, so two keys whose scores
+# differ by less than this (relative to the boundary score) may swap places at the top-k boundary.
+SCORE_TIE_TOLERANCE = 1e-5
+
+# glibc grows its mmap threshold when large blocks are freed, after which freed buffers stay resident
+# and inflate the resident-set peak. A fixed threshold returns every block of 64 KiB or more on free.
+CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+CHECK_FAILED_EXIT = 3
+MIB = 2**20
+
+
+class CheckFailed(Exception):
+    """A fast path disagrees with its reference; the message names the path, the shape and the difference."""
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One timed case: a path ("dense" or "dsa") in a tier ("prefill" or "decode") at one size."""
+
+    tier: str
+    tokens: int
+    path: str
+    top_k: int
+    chunk_size: int
+    repeats: int
+    seed: int
+
+    @property
+    def queries(self) -> int:
+        return self.tokens if self.tier == "prefill" else 1
+
+
+@dataclass
+class CaseInputs:
+    """Random layer inputs: q [B, T, H, D]; k, v [B, HKV, S, D] (the Hugging Face cache layout);
+    q_idx [B, T, HI, DI]; k_idx [B, S, DI]; weights [B, T, HI]."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_idx: torch.Tensor
+    k_idx: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def q_start(self) -> int:
+        return self.k.shape[2] - self.q.shape[1]
+
+
+# ---- machine and versions ----------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def total_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect_machine_info() -> dict[str, Any]:
+    """Describe the CPU, the OS and the software versions the numbers were measured with."""
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": total_memory_bytes(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "numpy": package_version("numpy"),
+        "dsa": dsa.__version__,
+        "dsa_path": str(Path(dsa.__file__).parent),
+        "dtype": str(DTYPE).removeprefix("torch."),
+    }
+
+
+def format_machine_info(machine: dict[str, Any]) -> str:
+    memory = machine["memory_bytes"]
+    memory_text = f"{memory / 2**30:.1f} GiB" if memory else "unknown"
+    return "\n".join(
+        [
+            f"machine       {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
+            f"({machine['usable_cpus']} usable), {memory_text} RAM, torch threads {machine['torch_threads']}",
+            f"platform      {machine['platform']}",
+            f"versions      Python {machine['python']}, torch {machine['torch']}, "
+            f"transformers {machine['transformers']}, numpy {machine['numpy']}, dsa {machine['dsa']}",
+            f"dtype         {machine['dtype']}",
+        ]
+    )
+
+
+# ---- inputs and the two timed paths ------------------------------------------------------------------
+
+
+def indexer_shape() -> tuple[int, int]:
+    """Return (HI, DI) of the model's DSA preset."""
+    config = dsa.DSAConfig.preset(MODEL_PRESET)
+    return config.indexer_heads, config.indexer_head_dim
+
+
+def make_inputs(queries: int, keys: int, generator: torch.Generator) -> CaseInputs:
+    indexer_heads, indexer_dim = indexer_shape()
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=DTYPE)
+
+    return CaseInputs(
+        q=randn(BATCH, queries, QUERY_HEADS, HEAD_DIM),
+        k=randn(BATCH, KV_HEADS, keys, HEAD_DIM),
+        v=randn(BATCH, KV_HEADS, keys, HEAD_DIM),
+        q_idx=randn(BATCH, queries, indexer_heads, indexer_dim),
+        k_idx=randn(BATCH, keys, indexer_dim),
+        weights=randn(BATCH, queries, indexer_heads),
+    )
+
+
+def dense_attention(inputs: CaseInputs) -> torch.Tensor:
+    """Return SDPA's output [B, T, H, D]; one query (decode) sees every key, a block is causal."""
+    causal = inputs.q.shape[1] > 1
+    out = F.scaled_dot_product_attention(
+        inputs.q.transpose(1, 2), inputs.k, inputs.v, is_causal=causal, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def dsa_select(inputs: CaseInputs, top_k: int, chunk_size: int) -> torch.Tensor:
+    return select_topk_torch(
+        inputs.q_idx, inputs.k_idx, inputs.weights, top_k, q_start=inputs.q_start, chunk_size=chunk_size
+    )
+
+
+def dsa_attend(inputs: CaseInputs, indices: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    # Transposed views of the [B, HKV, S, D] tensors, as the model integration passes its cache.
+    return sparse_attention_torch(
+        inputs.q, inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), indices, chunk_size=chunk_size
+    )
+
+
+# ---- correctness checks ------------------------------------------------------------------------------
+
+
+def assert_close(what: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Raise CheckFailed unless actual and expected are allclose (ATOL, RTOL); return the max abs difference."""
+    difference = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
+    if actual.shape != expected.shape or not torch.allclose(actual, expected, atol=ATOL, rtol=RTOL):
+        raise CheckFailed(
+            f"{what}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}, max abs difference "
+            f"{difference:.3g} (atol={ATOL}, rtol={RTOL})."
+        )
+    return difference
+
+
+def causal_index_rows(positions: list[int], width: int) -> torch.Tensor:
+    """Return indices [1, len(positions), width] listing keys 0..p for each query position p, -1 after."""
+    keys = torch.arange(width)
+    rows = [torch.where(keys <= position, keys, -1) for position in positions]
+    return torch.stack(rows).unsqueeze(0)
+
+
+def check_selected_row(
+    inputs: CaseInputs, row: int, top_k: int, selected: torch.Tensor
+) -> int:
+    """Compare one row of select_topk_torch's output with select_topk_reference.
+
+    Keys may differ only where their reference scores tie the boundary score within
+    SCORE_TIE_TOLERANCE; returns how many keys were swapped that way.
+    """
+    position = inputs.q_start + row
+    q_row, w_row = inputs.q_idx[:, row : row + 1], inputs.weights[:, row : row + 1]
+    expected = select_topk_reference(q_row, inputs.k_idx, w_row, top_k, q_start=position)[0, 0]
+    if torch.equal(expected, selected):
+        return 0
+
+    where = f"selection row {row} (query position {position}, S={inputs.k_idx.shape[1]}, top_k={top_k})"
+    chosen = selected[selected >= 0]
+    if selected.shape != expected.shape or not torch.equal(chosen, chosen.sort().values):
+        raise CheckFailed(f"{where}: indices are not ascending or have shape {tuple(selected.shape)}.")
+    expected_set, chosen_set = set(expected[expected >= 0].tolist()), set(chosen.tolist())
+    if len(chosen_set) != len(expected_set) or max(chosen_set) > position:
+        raise CheckFailed(
+            f"{where}: {len(chosen_set)} keys chosen up to key {max(chosen_set)}; expected "
+            f"{len(expected_set)} keys up to key {position}."
+        )
+    scores = index_scores_reference(q_row, inputs.k_idx, w_row)[0, 0]
+    boundary = scores[sorted(expected_set)].min().item()
+    swapped = sorted(expected_set ^ chosen_set)
+    gap = (scores[swapped] - boundary).abs().max().item()
+    if gap > SCORE_TIE_TOLERANCE * max(1.0, abs(boundary)):
+        raise CheckFailed(
+            f"{where}: {len(swapped) // 2} keys differ from the reference and their scores are up to "
+            f"{gap:.3g} from the boundary score {boundary:.6g}, more than a rounding tie."
+        )
+    return len(swapped) // 2
+
+
+def sample_rows(spec: CaseSpec) -> list[int]:
+    """Pick the query rows that each case compares with the references."""
+    if spec.queries == 1:
+        return [0]
+    # DSA rows below top_k see at most top_k keys; check_dsa_case covers them all at once.
+    first = min(spec.top_k, spec.queries - 1) if spec.path == "dsa" else 0
+    rows = {first, (first + spec.queries) // 2, spec.queries - 1}
+    generator = torch.Generator().manual_seed(spec.seed)
+    while len(rows) < min(SAMPLE_ROWS, spec.queries - first):
+        rows.add(int(torch.randint(first, spec.queries, (1,), generator=generator)))
+    return sorted(rows)
+
+
+def check_dense_case(spec: CaseSpec, inputs: CaseInputs, out: torch.Tensor) -> dict[str, Any]:
+    """Compare sampled rows of SDPA's output with the dense-mask oracle over each row's causal keys."""
+    rows = sample_rows(spec)
+    positions = [inputs.q_start + row for row in rows]
+    indices = causal_index_rows(positions, inputs.k.shape[2])
+    expected = sparse_attention_reference(
+        inputs.q[:, rows], inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), indices
+    )
+    difference = assert_close(f"dense {spec.tier} {spec.tokens}: rows {rows} vs the oracle", out[:, rows], expected)
+    return {"rows": rows, "max_abs_difference": difference}
+
+
+def check_dsa_case(
+    spec: CaseSpec, inputs: CaseInputs, indices: torch.Tensor, out: torch.Tensor
+) -> dict[str, Any]:
+    """Check the DSA output of one case without any [T, S] work.
+
+    Rows that see at most top_k keys must select all of them, so their output equals SDPA's on the
+    same prefix. Sampled rows that see more keys are compared with select_topk_reference and with the
+    dense-mask oracle computed for those rows only.
+    """
+    name = f"dsa {spec.tier} {spec.tokens}"
+    result: dict[str, Any] = {}
+    keys = inputs.k.shape[2]
+    prefix = min(spec.queries, max(spec.top_k - inputs.q_start, 0))
+    if prefix:
+        head = CaseInputs(
+            inputs.q[:, :prefix], inputs.k[:, :, : inputs.q_start + prefix], inputs.v[:, :, : inputs.q_start + prefix],
+            inputs.q_idx[:, :prefix], inputs.k_idx[:, : inputs.q_start + prefix], inputs.weights[:, :prefix],
+        )
+        result["prefix_rows"] = prefix
+        result["prefix_max_abs_difference"] = assert_close(
+            f"{name}: first {prefix} rows vs SDPA", out[:, :prefix], dense_attention(head)
+        )
+    if keys <= spec.top_k:
+        return result
+
+    rows = [row for row in sample_rows(spec) if row >= prefix]
+    result["rows"] = rows
+    result["tie_swaps"] = sum(check_selected_row(inputs, row, spec.top_k, indices[0, row]) for row in rows)
+    expected = sparse_attention_reference(
+        inputs.q[:, rows], inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), indices[:, rows]
+    )
+    result["max_abs_difference"] = assert_close(f"{name}: rows {rows} vs the oracle", out[:, rows], expected)
+    return result
+
+
+def check_small_shapes(top_k: int, chunk_size: int, seed: int) -> list[dict[str, Any]]:
+    """Compare both paths with the references on small prefill and decode shapes; raise CheckFailed."""
+    top_k = min(top_k, SMALL_CHECK_TOP_K)
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for tier, queries in (("prefill", SMALL_CHECK_TOKENS), ("decode", 1)):
+        inputs = make_inputs(queries, SMALL_CHECK_TOKENS, generator)
+        k_view, v_view = inputs.k.transpose(1, 2), inputs.v.transpose(1, 2)
+        name = f"{tier} T={queries} S={SMALL_CHECK_TOKENS} top_k={top_k}"
+
+        positions = list(range(inputs.q_start, inputs.q_start + queries))
+        oracle = sparse_attention_reference(inputs.q, k_view, v_view, causal_index_rows(positions, SMALL_CHECK_TOKENS))
+        dense_difference = assert_close(f"dense {name} vs the oracle", dense_attention(inputs), oracle)
+
+        indices = dsa_select(inputs, top_k, chunk_size)
+        expected_indices = select_topk_reference(
+            inputs.q_idx, inputs.k_idx, inputs.weights, top_k, q_start=inputs.q_start
+        )
+        if not torch.equal(indices, expected_indices):
+            mismatched = (indices != expected_indices).any(dim=-1).sum().item()
+            raise CheckFailed(f"dsa {name}: select_topk_torch differs from select_topk_reference in {mismatched} rows.")
+        expected = sparse_attention_reference(inputs.q, k_view, v_view, indices)
+        dsa_difference = assert_close(f"dsa {name}: sparse_attention_torch vs the oracle", dsa_attend(inputs, indices, chunk_size), expected)
+        results.append(
+            {"tier": tier, "queries": queries, "keys": SMALL_CHECK_TOKENS, "top_k": top_k,
+             "dense_max_abs_difference": dense_difference, "dsa_max_abs_difference": dsa_difference}
+        )
+    return results
+
+
+# ---- one case, in a child process --------------------------------------------------------------------
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="utf-8") as handle:
+        resident_pages = int(handle.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark to the current RSS; return False where not allowed.
+
+    Writing 5 to /proc/self/clear_refs (Linux 4.0 and later) does this; it also resets ru_maxrss.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def run_case(spec: CaseSpec) -> dict[str, Any]:
+    """Warm up, check, then time one case; return its times and resident-set growth."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    inputs = make_inputs(spec.queries, spec.tokens, generator)
+
+    # Warm-up call, whose output is checked before any call is timed.
+    if spec.path == "dense":
+        out = dense_attention(inputs)
+        check = check_dense_case(spec, inputs, out)
+    else:
+        indices = dsa_select(inputs, spec.top_k, spec.chunk_size)
+        out = dsa_attend(inputs, indices, spec.chunk_size)
+        check = check_dsa_case(spec, inputs, indices, out)
+        del indices
+    del out
+    gc.collect()
+
+    # The peak of the checks above must not count, so reset it; without the reset it cannot be isolated.
+    peak_is_isolated = reset_peak_rss()
+    baseline = current_rss_bytes()
+    times_ms, select_ms, attention_ms = [], [], []
+    for _ in range(spec.repeats):
+        if spec.path == "dense":
+            start = time.perf_counter()
+            out = dense_attention(inputs)
+            times_ms.append((time.perf_counter() - start) * 1e3)
+        else:
+            start = time.perf_counter()
+            indices = dsa_select(inputs, spec.top_k, spec.chunk_size)
+            selected = time.perf_counter()
+            out = dsa_attend(inputs, indices, spec.chunk_size)
+            stop = time.perf_counter()
+            select_ms.append((selected - start) * 1e3)
+            attention_ms.append((stop - selected) * 1e3)
+            times_ms.append((stop - start) * 1e3)
+            del indices
+        del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    result: dict[str, Any] = {
+        "times_ms": times_ms,
+        "median_ms": statistics.median(times_ms),
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": peak,
+        "peak_rss_growth_bytes": peak - baseline if peak_is_isolated else None,
+        "torch_threads": torch.get_num_threads(),
+        "check": check,
+    }
+    if spec.path == "dsa":
+        result.update(
+            select_ms=select_ms,
+            attention_ms=attention_ms,
+            median_select_ms=statistics.median(select_ms),
+            median_attention_ms=statistics.median(attention_ms),
+        )
+    return result
+
+
+def case_main(encoded: str) -> int:
+    """Entry point of the child process: run the case given as JSON and print its result as JSON."""
+    spec = CaseSpec(**json.loads(encoded))
+    try:
+        with torch.inference_mode():
+            result = run_case(spec)
+    except CheckFailed as error:
+        print(f"correctness check failed, so this path is not timed: {error}", file=sys.stderr)
+        return CHECK_FAILED_EXIT
+    print(json.dumps(result))
+    return 0
+
+
+def launch_case(spec: CaseSpec, timeout_s: float) -> dict[str, Any]:
+    """Run one case in a fresh child process; return its record, with status "ok", "timeout" or "failed"."""
+    record: dict[str, Any] = {"tier": spec.tier, "tokens": spec.tokens, "path": spec.path}
+    command = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(spec.__dict__)]
+    environment = {**os.environ, **CHILD_ENVIRONMENT}
+    started = time.perf_counter()
+    try:
+        completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**record, "status": "timeout", "message": f"stopped after the case timeout of {timeout_s:.0f} s"}
+    record["wall_s"] = time.perf_counter() - started
+    if completed.returncode == CHECK_FAILED_EXIT:
+        raise CheckFailed(completed.stderr.strip())
+    if completed.returncode != 0:
+        tail = completed.stderr.strip().splitlines()[-5:]
+        return {**record, "status": "failed", "message": f"exit status {completed.returncode}: " + " | ".join(tail)}
+    return {**record, "status": "ok", **json.loads(completed.stdout.strip().splitlines()[-1])}
+
+
+# ---- output ------------------------------------------------------------------------------------------
+
+
+def format_number(value: float | None, width: int, decimals: int) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.{decimals}f}"
+
+
+def find_case(records: list[dict[str, Any]], tier: str, tokens: int, path: str) -> dict[str, Any] | None:
+    for record in records:
+        if (record["tier"], record["tokens"], record["path"]) == (tier, tokens, path):
+            return record
+    return None
+
+
+def median_ms(record: dict[str, Any] | None, key: str = "median_ms") -> float | None:
+    return record.get(key) if record and record["status"] == "ok" else None
+
+
+def peak_mib(record: dict[str, Any] | None) -> float | None:
+    growth = record.get("peak_rss_growth_bytes") if record and record["status"] == "ok" else None
+    return None if growth is None else growth / MIB
+
+
+def format_table(tier: str, sizes: tuple[int, ...], records: list[dict[str, Any]]) -> str:
+    """Format one tier's results: median times, their ratio and each path's resident-set growth."""
+    size_name = "T = S" if tier == "prefill" else "S"
+    header = (
+        f"{'tier':<8}{size_name:>8}{'dense ms':>12}{'DSA ms':>12}{'dense/DSA':>11}"
+        f"{'dense MiB':>11}{'DSA MiB':>10}{'select ms':>12}{'attend ms':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    for tokens in sizes:
+        dense, sparse = find_case(records, tier, tokens, "dense"), find_case(records, tier, tokens, "dsa")
+        dense_ms, sparse_ms = median_ms(dense), median_ms(sparse)
+        ratio = dense_ms / sparse_ms if dense_ms is not None and sparse_ms is not None else None
+        lines.append(
+            f"{tier:<8}{tokens:>8}{format_number(dense_ms, 12, 1)}{format_number(sparse_ms, 12, 1)}"
+            f"{format_number(ratio, 11, 3)}{format_number(peak_mib(dense), 11, 1)}"
+            f"{format_number(peak_mib(sparse), 10, 1)}{format_number(median_ms(sparse, 'median_select_ms'), 12, 1)}"
+            f"{format_number(median_ms(sparse, 'median_attention_ms'), 12, 1)}"
+        )
+    for record in records:
+        if record["tier"] == tier and record["status"] != "ok":
+            lines.append(f"  {record['path']} at {record['tokens']} tokens: {record['status']}, {record['message']}")
+    return "\n".join(lines)
+
+
+def write_plots(results: dict[str, Any], output: Path) -> list[Path]:
+    """Write log-log plots of median time and resident-set growth against tokens; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, label, suffix in (("time", "median time (ms)", "time"), ("memory", "peak RSS growth (MiB)", "memory")):
+        figure, axes = plt.subplots(1, len(TIERS), figsize=(11, 4.2))
+        for axis, tier in zip(axes, TIERS):
+            for path, marker in zip(PATHS, ("o", "s")):
+                points = []
+                for tokens in results["settings"]["sizes"][tier]:
+                    record = find_case(results["cases"], tier, tokens, path)
+                    value = median_ms(record) if metric == "time" else peak_mib(record)
+                    if value is not None and value > 0:
+                        points.append((tokens, value))
+                if points:
+                    axis.plot(*zip(*points), marker=marker, label="dense SDPA" if path == "dense" else "DSA")
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("tokens (T = S)" if tier == "prefill" else "cached tokens S (one query)")
+            axis.set_ylabel(label)
+            axis.set_title(tier)
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend()
+        figure.suptitle(f"SmolLM2-135M layer, fp32, top_k {results['settings']['top_k']}, {results['machine']['cpu_model']}")
+        figure.tight_layout()
+        path = output.with_name(f"{output.stem}-{suffix}.png")
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def write_results(results: dict[str, Any], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Time DSA (indexer scores + top-k selection + sparse attention) against dense SDPA on "
+            f"SmolLM2-135M layer shapes, fp32 on the CPU. Default sweep: prefill at T = "
+            f"{', '.join(map(str, PREFILL_TOKENS))} tokens and a decode step against caches of "
+            f"{', '.join(map(str, DECODE_CACHE_TOKENS))} tokens."
+        )
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"run the short sweep instead: prefill at {', '.join(map(str, QUICK_PREFILL_TOKENS))} tokens, "
+        f"decode against caches of {', '.join(map(str, QUICK_DECODE_CACHE_TOKENS))} tokens",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3,
+        help="timed calls per case after one untimed warm-up; the table shows their median (count, default 3)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=2048,
+        help="keys each query attends to on the DSA path (tokens, default 2048)",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=256,
+        help="queries per chunk in select_topk_torch and sparse_attention_torch (queries, default 256)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random inputs (integer, default 0)",
+    )
+    parser.add_argument(
+        "--case-timeout", type=float, default=900.0,
+        help="wall-clock limit of one case (warm-up, check and repeats of one path at one size); a case "
+        "that exceeds it is stopped and reported as timed out (seconds, default 900)",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("bench-results/ops.json"),
+        help="JSON file for the raw results: every repeat, the settings and the machine "
+        "(path, default bench-results/ops.json)",
+    )
+    parser.add_argument(
+        "--plot", action="store_true",
+        help="also write log-log plots of time and memory against tokens as PNG files next to --output "
+        "(OUTPUT-time.png, OUTPUT-memory.png); needs matplotlib",
+    )
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("repeats", "top_k", "chunk_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1.")
+    if args.case_timeout <= 0:
+        parser.error(f"--case-timeout={args.case_timeout} is invalid; expected a positive number of seconds.")
+    return args
+
+
+def sweep_sizes(quick: bool) -> dict[str, tuple[int, ...]]:
+    if quick:
+        return {"prefill": QUICK_PREFILL_TOKENS, "decode": QUICK_DECODE_CACHE_TOKENS}
+    return {"prefill": PREFILL_TOKENS, "decode": DECODE_CACHE_TOKENS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.case is not None:
+        return case_main(args.case)
+
+    sizes = sweep_sizes(args.quick)
+    indexer_heads, indexer_dim = indexer_shape()
+    results: dict[str, Any] = {
+        "command": [Path(sys.executable).name, *sys.argv],
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "sizes": sizes, "top_k": args.top_k, "chunk_size": args.chunk_size, "repeats": args.repeats,
+            "warmup_calls": 1, "seed": args.seed, "case_timeout_s": args.case_timeout,
+            "batch": BATCH, "query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+            "indexer_heads": indexer_heads, "indexer_head_dim": indexer_dim, "model_preset": MODEL_PRESET,
+            "child_environment": CHILD_ENVIRONMENT,
+        },
+        "machine": collect_machine_info(),
+        "cases": [],
+    }
+    print(format_machine_info(results["machine"]))
+    print(
+        f"shapes        B={BATCH} H={QUERY_HEADS} HKV={KV_HEADS} D={HEAD_DIM}, indexer HI={indexer_heads} "
+        f"DI={indexer_dim} ({MODEL_PRESET} preset), top_k={args.top_k}, chunk_size={args.chunk_size}, "
+        f"median of {args.repeats} after 1 warm-up"
+    )
+
+    try:
+        results["small_checks"] = check_small_shapes(args.top_k, args.chunk_size, args.seed)
+        print(f"checks        both paths match the references at T={SMALL_CHECK_TOKENS} (prefill and decode)")
+        specs = [
+            CaseSpec(tier, tokens, path, args.top_k, args.chunk_size, args.repeats, args.seed)
+            for tier in TIERS for tokens in sizes[tier] for path in PATHS
+        ]
+        progress = tqdm(specs, unit="case", file=sys.stderr)
+        for spec in progress:
+            progress.set_description(f"{spec.tier} {spec.tokens} {spec.path}")
+            record = launch_case(spec, args.case_timeout)
+            results["cases"].append(record)
+            summary = f"median {record['median_ms']:.1f} ms" if record["status"] == "ok" else record["message"]
+            progress.write(f"{spec.tier:<8}{spec.tokens:>8} {spec.path:<6}{record['status']:<8}{summary}", file=sys.stderr)
+    except CheckFailed as error:
+        write_results(results, args.output)
+        print(f"error: {error}\nNothing more was timed; partial results are in {args.output}.", file=sys.stderr)
+        return 1
+
+    results["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print()
+    for tier in TIERS:
+        print(format_table(tier, sizes[tier], results["cases"]))
+        print()
+    print(
+        "ms: median wall time of one call. dense/DSA > 1 means DSA is faster. MiB: peak resident-set growth "
+        "of the case's process over its RSS just before the timed calls (inputs excluded). select/attend: "
+        "the DSA time split into select_topk_torch and sparse_attention_torch."
+    )
+    write_results(results, args.output)
+    print(f"raw results   {args.output}")
+    if args.plot:
+        try:
+            plots = write_plots(results, args.output)
+        except ImportError:
+            print("plots         skipped: matplotlib is not installed (pip install matplotlib)")
+        else:
+            print(f"plots         {', '.join(map(str, plots))}")
+    # A timed-out case is a result (its size is reported as dropped); a crashed one is an error.
+    crashed = [record for record in results["cases"] if record["status"] == "failed"]
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The "dsa" attention function and mask registered with transformers, and the indexer pre-hook.
+
+Flow for one converted layer and one forward call:
+
+1. A forward pre-hook on the attention module reads the normalised hidden state, the position ids
+   and the cache from the module's keyword arguments, runs the lightning indexer on the new tokens and
+   appends their indexer keys to the cache (`Cache.update_indexer`). The results wait on the layer state.
+2. The module computes q, k, v, applies RoPE, updates its KV cache and calls the attention function
+   registered as "dsa" (below), which selects the top-k keys per query and runs sparse attention, or
+   runs dense SDPA and the warm-up loss, depending on the mode.
+
+Layers without an indexer (sliding-window layers) and the dense mode run transformers' own SDPA
+function with the same mask, so they stay exactly as the unconverted model computes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from dsa.integrations.hf.state import LayerState
+
+ATTENTION_NAME = "dsa"
+
+
+def dsa_mask(*args, **kwargs):
+    """SDPA's boolean mask, always materialised ([B, 1, T, S], True = attend), so the attention function
+    never has to guess causality from a missing mask."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register the "dsa" attention function and mask with transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, dsa_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, dsa_mask)
+
+
+# ---- the indexer pre-hook and the indexer key cache ----------------------------------------------------
+
+
+def _indexed_cache_layer(cache, layer_idx: int) -> DynamicIndexedLayer:
+    """Return the cache layer for `layer_idx`, turning a fresh `DynamicLayer` into a `DynamicIndexedLayer`.
+
+    `generate()` builds a plain `DynamicCache`; swapping the layer class in place keeps the indexer keys
+    inside the Hugging Face cache object, so beam-search reordering, cropping and batch selection move
+    them together with the attention keys.
+    """
+    layers = cache.layers
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while len(layers) <= layer_idx:
+        if replicate is None:
+            raise ValueError(f"the cache has no layer {layer_idx} and cannot create one; pass a DynamicCache.")
+        layers.append(DynamicIndexedLayer() if len(layers) == layer_idx else replicate())
+    layer = layers[layer_idx]
+    if isinstance(layer, DynamicIndexedLayer):
+        return layer
+    if type(layer) is not DynamicLayer:
+        raise TypeError(
+            f"DSA keeps its indexer keys in a DynamicCache, but layer {layer_idx} of the cache is a "
+            f"{type(layer).__name__}; use the default cache (no cache_implementation) with a converted model."
+        )
+    if layer.is_initialized and layer.get_seq_length() > 0:
+        raise ValueError(
+            f"the cache already holds {layer.get_seq_length()} tokens for layer {layer_idx} that were computed "
+            "without a DSA indexer; start from an empty cache after convert()."
+        )
+    indexed = DynamicIndexedLayer()
+    indexed.__dict__.update({key: value for key, value in layer.__dict__.items()})
+    layers[layer_idx] = indexed
+    return indexed
+
+
+def indexer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the layer's indexer on the attention block's normalised hidden state (see module docstring)."""
+    state: LayerState = module.dsa_state
+    state.indexer_inputs = None
+    if state.runtime.mode == "dense":
+        return
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    batch, queries = hidden.shape[:2]
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        past = cache.get_seq_length(state.layer_idx) if cache is not None else 0
+        position_ids = torch.arange(past, past + queries, device=hidden.device).unsqueeze(0)
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; DSA expects [B, T] positions.")
+    position_ids = position_ids.expand(batch, queries)
+
+    # The indexer learns only from its own loss: no gradient flows from it into the base model.
+    q_idx, k_new, weights = module.indexer(hidden.detach(), position_ids)
+    if cache is not None:
+        k_idx = _indexed_cache_layer(cache, state.layer_idx).update_indexer(k_new)
+    else:
+        k_idx = k_new
+    state.indexer_inputs = (q_idx, k_idx, weights)
+
+
+# ---- the attention function ----------------------------------------------------------------------------
+
+
+def _mask_rows(attention_mask: torch.Tensor | None, batch: int, queries: int, keys: int) -> torch.Tensor | None:
+    """Turn whatever mask transformers passes into bool [B, T, S] (True = may attend), or None."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; DSA supports one mask for all heads [B, 1, T, S].")
+        mask = mask[:, 0]
+    if mask.dtype != torch.bool:
+        # Additive float masks (eager style) hold 0 where attention is allowed.
+        mask = mask == 0
+    if mask.dim() == 2:  # a [B, S] padding mask
+        mask = mask.unsqueeze(1)
+    mask = mask[..., -keys:] if mask.shape[-1] > keys else mask
+    if mask.shape[-1] != keys or mask.shape[-2] not in (1, queries):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected rows [B, T={queries}, S={keys}].")
+    return mask.expand(batch, queries, keys)
+
+
+def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def dsa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention for query [B, H, T, D] and key, value [B, HKV, S, D] (the cache included); returns
+    out [B, T, H, D] as transformers' attention functions do."""
+    state: LayerState | None = getattr(module, "dsa_state", None)
+    if state is None or state.runtime.mode == "dense":
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    if state.indexer_inputs is None:
+        raise RuntimeError(
+            f"layer {state.layer_idx}: the DSA indexer did not run before attention; the attention module must be "
+            "called with keyword arguments (hidden_states=...) as transformers' decoder layers do."
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("DSA does not implement attention logit soft-capping; convert() should have rejected this model.")
+    q_idx, k_idx, weights = state.indexer_inputs
+    state.indexer_inputs = None
+    runtime = state.runtime
+    config = runtime.config
+    batch, _, queries, _ = query.shape
+    keys = key.shape[2]
+    if k_idx.shape[1] != keys:
+        raise RuntimeError(
+            f"layer {state.layer_idx}: the indexer key cache holds {k_idx.shape[1]} tokens but the attention cache "
+            f"holds {keys}; the cache was extended without the indexer. Start from an empty cache after convert()."
+        )
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    rows = _mask_rows(attention_mask, batch, queries, keys)
+    # The last query sees every earlier key, so its row is the key padding mask (used to rank sinks).
+    padding = None if rows is None else rows[:, -1]
+    # Views in the [B, T, H, D] / [B, S, HKV, D] layout of the operators; nothing is copied.
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    q_start = keys - queries
+
+    if runtime.mode == "warmup":
+        out = _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        state.keys_per_query = None
+        if torch.is_grad_enabled():
+            state.loss = runtime.backend.warmup_kl(
+                q.detach(), k.detach(), q_idx, k_idx, weights, scaling,
+                q_start=q_start, key_padding_mask=padding, attention_mask=rows,
+                chunk_elements=config.loss_chunk_elements,
+            )
+        return out
+
+    if dropout:
+        raise ValueError(f"DSA sparse attention does not implement attention dropout (got {dropout}); set attention_dropout=0.")
+    indices = runtime.backend.select_topk(
+        q_idx, k_idx, weights, config.top_k,
+        q_start=q_start, key_padding_mask=padding, attention_mask=rows,
+        sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size,
+    )
+    state.keys_per_query = (indices >= 0).sum(dim=-1)
+    if keys <= config.top_k:
+        # Every query selected all of its visible keys, so sparse attention equals dense attention:
+        # run SDPA, which gives bit-identical outputs to the unconverted model and is faster here.
+        out = _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    else:
+        out = (
+            runtime.backend.sparse_attention(q, k, v, indices, scaling, chunk_size=config.query_chunk_size),
+            None,
+        )
+    if module.training and torch.is_grad_enabled():
+        state.loss = runtime.backend.sparse_kl(
+            q.detach(), k.detach(), q_idx, k_idx, weights, indices, scaling, chunk_size=config.query_chunk_size
+        )
+    return out

@@ -1,0 +1,43 @@
+"""Runtime state that the hooks and the registered attention function share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from dsa.config import DSAConfig
+from dsa.ops.dispatch import Backend
+
+Mode = Literal["dense", "warmup", "sparse"]
+MODES: tuple[str, ...] = ("dense", "warmup", "sparse")
+
+
+@dataclass
+class DSARuntime:
+    """Settings shared by every converted layer of one model."""
+
+    config: DSAConfig
+    backend: Backend
+    mode: Mode = "sparse"
+    indexer_loss_weight: float = 1.0
+    # True once trained weights were loaded (or training ran); silences the untrained-indexer warning.
+    indexer_trained: bool = False
+    layers: list["LayerState"] = field(default_factory=list)
+
+
+@dataclass
+class LayerState:
+    """Per-layer values passed from the indexer pre-hook to the attention function of one forward."""
+
+    runtime: DSARuntime
+    layer_idx: int
+    # (q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI]); consumed and cleared by the attention
+    # function, so a later call can never read a stale selection input.
+    indexer_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Indexer loss of the last training-mode forward (scalar), collected by the model-level hook.
+    loss: torch.Tensor | None = None
+    # Keys each query attended in the last forward, [B, T] int64.
+    keys_per_query: torch.Tensor | None = None
+    extras: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,238 @@
+import copy
+import logging
+
+import pytest
+import torch
+from tiny_models import SMALL_DSA, random_ids, tiny_model
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicIndexedLayer
+
+import dsa
+from dsa.integrations.hf.attention import dsa_attention_forward
+
+TOP_K = 6
+
+
+def _pair(top_k=TOP_K, model_type="llama"):
+    original = tiny_model(model_type)
+    model = dsa.convert(copy.deepcopy(original), dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=top_k))
+    return original, model
+
+
+def test_untrained_indexer_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="dsa.integrations.hf.convert"):
+        dsa.convert(tiny_model(), SMALL_DSA)
+    assert any("random weights" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dsa.integrations.hf.convert"):
+        dsa.convert(tiny_model(), SMALL_DSA, indexer_trained=True)
+    assert not caplog.records
+
+
+def test_default_mode_is_sparse_and_dense_mode_matches_original():
+    original, model = _pair()
+    assert model.dsa_runtime.mode == "sparse"
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        sparse = model(ids).logits
+        dsa.set_mode(model, "dense")
+        dense = model(ids).logits
+        expected = original(ids).logits
+    assert torch.equal(dense, expected)
+    assert not torch.allclose(sparse, expected, atol=1e-3), "past top_k the sparse path must differ from dense"
+
+
+def test_greedy_identical_while_fitting_in_top_k():
+    original, model = _pair(top_k=40)
+    prompt = random_ids(1, 10)
+    kwargs = dict(max_new_tokens=25, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
+
+
+def test_sampling_identical_while_fitting_in_top_k():
+    original, model = _pair(top_k=40)
+    prompt = random_ids(1, 10)
+    kwargs = dict(max_new_tokens=20, do_sample=True, top_p=0.9, temperature=1.3, pad_token_id=0)
+    torch.manual_seed(7)
+    sampled = model.generate(prompt, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(sampled, original.generate(prompt, **kwargs))
+
+
+def test_generation_past_top_k_attends_at_most_top_k_keys():
+    _, model = _pair()
+    prompt = random_ids(1, 10)
+    out = model.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 40
+    counts = dsa.keys_per_query(model)
+    # The last decode step attends TOP_K of its 39 visible keys, in every converted layer.
+    assert sorted(counts) == [0, 1]
+    for layer_counts in counts.values():
+        assert layer_counts.shape == (1, 1)
+        assert int(layer_counts) == TOP_K
+
+
+def test_decode_after_prefill_equals_full_prefill():
+    _, model = _pair()
+    ids = random_ids(2, 28)
+    with torch.no_grad():
+        full = model(ids).logits
+        full_counts = dsa.keys_per_query(model)
+        cache = DynamicCache(config=model.config)
+        step_logits = [model(ids[:, :20], cache=cache, use_cache=True).logits]
+        for t in range(20, 28):
+            step_logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+            for layer, counts in dsa.keys_per_query(model).items():
+                assert torch.equal(counts[:, 0], full_counts[layer][:, t])
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert all(isinstance(layer, DynamicIndexedLayer) for layer in cache.layers)
+    assert cache.layers[0].indexer_keys.shape[1] == 28
+
+
+def test_selected_sets_equal_between_prefill_and_decode(monkeypatch):
+    _, model = _pair()
+    ids = random_ids(1, 24, seed=3)
+    recorded = []
+    select = model.dsa_runtime.backend.select_topk
+
+    def recording(*args, **kwargs):
+        indices = select(*args, **kwargs)
+        recorded.append(indices)
+        return indices
+
+    backend = model.dsa_runtime.backend
+    monkeypatch.setattr(model.dsa_runtime, "backend", type(backend)(backend.name, backend.index_scores, recording,
+                                                                     backend.sparse_attention, backend.warmup_kl, backend.sparse_kl))
+    with torch.no_grad():
+        model(ids)
+        prefill = [r.clone() for r in recorded]
+        recorded.clear()
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :23], cache=cache, use_cache=True)
+        recorded.clear()
+        model(ids[:, 23:], cache=cache, use_cache=True)
+    for layer, (whole, step) in enumerate(zip(prefill, recorded)):
+        assert torch.equal(whole[:, -1], step[:, 0]), f"layer {layer} selected a different set in decode"
+
+
+def test_left_padded_batch_row_equals_row_alone():
+    _, model = _pair()
+    long_ids, short_ids = random_ids(1, 26, seed=4), random_ids(1, 19, seed=5)
+    pad = 26 - 19
+    batch = torch.cat([long_ids, torch.cat([torch.zeros(1, pad, dtype=torch.long), short_ids], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        batched = model(batch, attention_mask=mask, position_ids=position_ids).logits
+        batched_counts = dsa.keys_per_query(model)
+        alone = model(short_ids).logits
+        alone_counts = dsa.keys_per_query(model)
+    torch.testing.assert_close(batched[1, pad:], alone[0], atol=1e-5, rtol=1e-5)
+    for layer in alone_counts:
+        assert torch.equal(batched_counts[layer][1, pad:], alone_counts[layer][0])
+
+
+def test_batched_generation_with_left_padding_matches_single():
+    _, model = _pair()
+    prompts = [random_ids(1, 12, seed=6), random_ids(1, 7, seed=8)]
+    pad = 5
+    batch = torch.cat([prompts[0], torch.cat([torch.zeros(1, pad, dtype=torch.long), prompts[1]], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    kwargs = dict(max_new_tokens=15, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt, **kwargs)
+        assert torch.equal(together[row, -15:], alone[0, -15:]), f"row {row} differs when batched"
+
+
+def test_beam_search_past_top_k_runs_and_matches_single_beam_shapes():
+    original, model = _pair(top_k=40)
+    prompt = random_ids(1, 8)
+    kwargs = dict(max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+    # Below top_k the beams are those of the original model.
+    assert torch.equal(model.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
+    dsa.update_config(model, top_k=4)
+    out = model.generate(prompt, max_new_tokens=20, num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 28)
+
+
+def test_continue_from_returned_cache():
+    _, model = _pair()
+    first = random_ids(1, 10, seed=9)
+    out = model.generate(first, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    second_turn = torch.cat([out.sequences, random_ids(1, 5, seed=10)], dim=1)
+    continued = model.generate(second_turn, cache=out.cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    fresh = model.generate(second_turn, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(continued, fresh)
+
+
+def test_use_cache_false_matches_cached_generation():
+    _, model = _pair()
+    prompt = random_ids(1, 10, seed=11)
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, use_cache=False, **kwargs), model.generate(prompt, **kwargs))
+
+
+def test_cache_crop_and_batch_select_keep_indexer_keys_aligned():
+    _, model = _pair()
+    ids = random_ids(3, 20)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    cache.crop(-5)
+    assert cache.layers[0].indexer_keys.shape[1] == 15
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    assert cache.layers[1].indexer_keys.shape[0] == 2
+    with torch.no_grad():
+        model(ids[[0, 2], 15:16], cache=cache, use_cache=True)
+    assert cache.layers[0].indexer_keys.shape[1] == 16
+
+
+def test_cache_filled_before_convert_rejected():
+    original = tiny_model()
+    cache = DynamicCache(config=original.config)
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        original(ids, cache=cache, use_cache=True)
+        dsa.convert(original, SMALL_DSA)
+        with pytest.raises(ValueError, match="computed without a DSA indexer"):
+            original(ids[:, :1], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("form", ["bool4d", "float4d", "none"])
+def test_attention_function_honours_every_mask_form(form):
+    _, model = _pair(top_k=3)
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 9, 64, generator=generator)
+    query = torch.randn(1, 4, 9, 16, generator=generator)
+    key = torch.randn(1, 2, 9, 16, generator=generator)
+    value = torch.randn(1, 2, 9, 16, generator=generator)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril().view(1, 1, 9, 9)
+    masks = {
+        "bool4d": causal,
+        "float4d": torch.zeros(1, 1, 9, 9).masked_fill(~causal, torch.finfo(torch.float32).min),
+        "none": None,
+    }
+    outputs = {}
+    for name, mask in masks.items():
+        module.dsa_state.indexer_inputs = module.indexer(hidden, torch.arange(9).view(1, 9))
+        outputs[name], _ = dsa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(outputs[form], outputs["bool4d"], atol=0, rtol=0)
+    # A mask that hides key 0 from every query must change the output of the early rows.
+    module.dsa_state.indexer_inputs = module.indexer(hidden, torch.arange(9).view(1, 9))
+    hidden_first = causal.clone()
+    hidden_first[..., 0] = False
+    hidden_first[..., 0, 0] = True
+    masked, _ = dsa_attention_forward(module, query, key, value, hidden_first, scaling=0.25)
+    assert not torch.allclose(masked[:, 1:4], outputs["bool4d"][:, 1:4])
+
+
+def test_stale_indexer_inputs_never_reused():
+    _, model = _pair()
+    module = model.model.layers[0].self_attn
+    query, key = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    with pytest.raises(RuntimeError, match="the DSA indexer did not run before attention"):
+        dsa_attention_forward(module, query, key, key, None)
