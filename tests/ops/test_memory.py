@@ -11,7 +11,11 @@ import json, resource, torch
 torch.manual_seed(0)
 torch.set_num_threads(2)
 def peak_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process's own peak; ru_maxrss would start at the parent's resident set, which a
+    # child inherits through fork and keeps across exec.
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 def current_bytes():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
