@@ -85,6 +85,9 @@ SCORE_TIE_TOLERANCE = 1e-5
 CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 CHECK_FAILED_EXIT = 3
 MIB = 2**20
+# Cases during which other processes kept more CPU cores than this busy get a warning: on a shared
+# machine each of torch's parallel regions then waits for a descheduled worker thread.
+CONTENTION_WARNING_CORES = 0.1
 
 
 class CheckFailed(Exception):
@@ -110,8 +113,8 @@ class CaseSpec:
 
 @dataclass
 class CaseInputs:
-    """Random layer inputs: q [B, T, H, D]; k, v [B, HKV, S, D] (the Hugging Face cache layout);
-    q_idx [B, T, HI, DI]; k_idx [B, S, DI]; weights [B, T, HI]."""
+    """Random layer inputs: q [B, T, H, D], k and v [B, HKV, S, D] (the Hugging Face cache layout),
+    q_idx [B, T, HI, DI], k_idx [B, S, DI] and weights [B, T, HI]."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -217,7 +220,8 @@ def make_inputs(queries: int, keys: int, generator: torch.Generator) -> CaseInpu
 
 
 def dense_attention(inputs: CaseInputs) -> torch.Tensor:
-    """Return SDPA's output [B, T, H, D]; one query (decode) sees every key, a block is causal."""
+    """Return SDPA's output [B, T, H, D]. A single query (decode) attends to every key, a block of
+    queries attends causally (T = S here)."""
     causal = inputs.q.shape[1] > 1
     out = F.scaled_dot_product_attention(
         inputs.q.transpose(1, 2), inputs.k, inputs.v, is_causal=causal, enable_gqa=True
@@ -241,12 +245,13 @@ def dsa_attend(inputs: CaseInputs, indices: torch.Tensor, chunk_size: int) -> to
 # ---- correctness checks ------------------------------------------------------------------------------
 
 
-def assert_close(what: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Raise CheckFailed unless actual and expected are allclose (ATOL, RTOL); return the max abs difference."""
+def assert_close(label: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Return the max abs difference of actual and expected, or raise CheckFailed unless they are
+    allclose within ATOL and RTOL."""
     difference = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
     if actual.shape != expected.shape or not torch.allclose(actual, expected, atol=ATOL, rtol=RTOL):
         raise CheckFailed(
-            f"{what}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}, max abs difference "
+            f"{label}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}, max abs difference "
             f"{difference:.3g} (atol={ATOL}, rtol={RTOL})."
         )
     return difference
@@ -265,7 +270,7 @@ def check_selected_row(
     """Compare one row of select_topk_torch's output with select_topk_reference.
 
     Keys may differ only where their reference scores tie the boundary score within
-    SCORE_TIE_TOLERANCE; returns how many keys were swapped that way.
+    SCORE_TIE_TOLERANCE. Returns how many keys were swapped that way.
     """
     position = inputs.q_start + row
     q_row, w_row = inputs.q_idx[:, row : row + 1], inputs.weights[:, row : row + 1]
@@ -356,7 +361,7 @@ def check_dsa_case(
 
 
 def check_small_shapes(top_k: int, chunk_size: int, seed: int) -> list[dict[str, Any]]:
-    """Compare both paths with the references on small prefill and decode shapes; raise CheckFailed."""
+    """Compare both paths with the references on small prefill and decode shapes, or raise CheckFailed."""
     top_k = min(top_k, SMALL_CHECK_TOP_K)
     generator = torch.Generator().manual_seed(seed)
     results = []
@@ -395,9 +400,10 @@ def current_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark to the current RSS; return False where not allowed.
+    """Reset the kernel's resident-set high-water mark to the current RSS, or return False where the
+    kernel does not allow it.
 
-    Writing 5 to /proc/self/clear_refs (Linux 4.0 and later) does this; it also resets ru_maxrss.
+    Writing 5 to /proc/self/clear_refs (Linux 4.0 and later) does this, and ru_maxrss follows it.
     """
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
@@ -424,7 +430,7 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
     del out
     gc.collect()
 
-    # The peak of the checks above must not count, so reset it; without the reset it cannot be isolated.
+    # The checks above must not count towards the peak. Where the reset fails, the peak is not reported.
     peak_is_isolated = reset_peak_rss()
     baseline = current_rss_bytes()
     times_ms, select_ms, attention_ms = [], [], []
@@ -478,17 +484,48 @@ def case_main(encoded: str) -> int:
     return 0
 
 
+def read_cpu_seconds() -> tuple[float, float]:
+    """Return (busy, steal) CPU seconds of the whole machine since boot, summed over its CPUs."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / ticks_per_second, steal / ticks_per_second
+
+
+def own_cpu_seconds() -> float:
+    """Return the CPU seconds used by this process and its finished children."""
+    total = 0.0
+    for target in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(target)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def launch_case(spec: CaseSpec, timeout_s: float) -> dict[str, Any]:
-    """Run one case in a fresh child process; return its record, with status "ok", "timeout" or "failed"."""
+    """Run one case in a fresh child process; return its record, with status "ok", "timeout" or "failed".
+
+    The record also gives the CPU cores that other processes kept busy meanwhile (other_cpu_cores)
+    and the hypervisor's steal time (steal_cpu_cores), both averaged over the case's wall time.
+    """
     record: dict[str, Any] = {"tier": spec.tier, "tokens": spec.tokens, "path": spec.path}
     command = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(spec.__dict__)]
     environment = {**os.environ, **CHILD_ENVIRONMENT}
+    busy_before, steal_before = read_cpu_seconds()
+    own_before = own_cpu_seconds()
     started = time.perf_counter()
     try:
         completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {**record, "status": "timeout", "message": f"stopped after the case timeout of {timeout_s:.0f} s"}
+        completed = None
     record["wall_s"] = time.perf_counter() - started
+    busy_after, steal_after = read_cpu_seconds()
+    other_seconds = (busy_after - busy_before) - (own_cpu_seconds() - own_before)
+    record["other_cpu_cores"] = max(other_seconds, 0.0) / record["wall_s"]
+    record["steal_cpu_cores"] = (steal_after - steal_before) / record["wall_s"]
+
+    if completed is None:
+        return {**record, "status": "timeout", "message": f"stopped after the case timeout of {timeout_s:.0f} s"}
     if completed.returncode == CHECK_FAILED_EXIT:
         raise CheckFailed(completed.stderr.strip())
     if completed.returncode != 0:
@@ -588,7 +625,7 @@ def write_results(results: dict[str, Any], output: Path) -> None:
 # ---- command line ------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
             "Time DSA (indexer scores + top-k selection + sparse attention) against dense SDPA on "
@@ -630,9 +667,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--plot", action="store_true",
         help="also write log-log plots of time and memory against tokens as PNG files next to --output "
-        "(OUTPUT-time.png, OUTPUT-memory.png); needs matplotlib",
+        "(ops-time.png and ops-memory.png for the default output); needs matplotlib",
     )
+    # Internal: run one case in this process and print its result (how the parent starts each child).
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("repeats", "top_k", "chunk_size"):
         if getattr(args, name) < 1:
@@ -688,7 +731,11 @@ def main(argv: list[str] | None = None) -> int:
             record = launch_case(spec, args.case_timeout)
             results["cases"].append(record)
             summary = f"median {record['median_ms']:.1f} ms" if record["status"] == "ok" else record["message"]
-            progress.write(f"{spec.tier:<8}{spec.tokens:>8} {spec.path:<6}{record['status']:<8}{summary}", file=sys.stderr)
+            progress.write(
+                f"{spec.tier:<8}{spec.tokens:>8} {spec.path:<6}{record['status']:<8}{summary}, "
+                f"other processes {record['other_cpu_cores']:.2f} cores",
+                file=sys.stderr,
+            )
     except CheckFailed as error:
         write_results(results, args.output)
         print(f"error: {error}\nNothing more was timed; partial results are in {args.output}.", file=sys.stderr)
@@ -704,6 +751,14 @@ def main(argv: list[str] | None = None) -> int:
         "of the case's process over its RSS just before the timed calls (inputs excluded). select/attend: "
         "the DSA time split into select_topk_torch and sparse_attention_torch."
     )
+    contended = [record for record in results["cases"] if record["other_cpu_cores"] > CONTENTION_WARNING_CORES]
+    if contended:
+        worst = max(record["other_cpu_cores"] for record in contended)
+        print(
+            f"warning: other processes kept up to {worst:.2f} CPU cores busy during {len(contended)} of "
+            f"{len(results['cases'])} cases (other_cpu_cores in the JSON), so those times are inflated. "
+            "Rerun on an idle machine."
+        )
     write_results(results, args.output)
     print(f"raw results   {args.output}")
     if args.plot:
