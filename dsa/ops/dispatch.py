@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from dsa.config import BACKENDS
+from dsa.ops.attention_mass import attention_recall_blockwise, attention_recall_reference, oracle_topk_blockwise, oracle_topk_reference
 from dsa.ops.indexer import index_scores_reference, index_scores_torch
 from dsa.ops.indexer_loss import sparse_kl_blockwise, sparse_kl_reference, warmup_kl_blockwise, warmup_kl_reference
 from dsa.ops.sparse_attention import sparse_attention_reference, sparse_attention_torch
@@ -28,11 +29,29 @@ class Backend:
     sparse_attention: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     warmup_kl: Callable[..., torch.Tensor]
     sparse_kl: Callable[..., torch.Tensor]
+    attention_recall: Callable[..., torch.Tensor]
+    oracle_topk: Callable[..., torch.Tensor]
 
 
-TORCH = Backend("torch", index_scores_torch, select_topk_torch, sparse_attention_torch, warmup_kl_blockwise, sparse_kl_blockwise)
+TORCH = Backend(
+    "torch",
+    index_scores_torch,
+    select_topk_torch,
+    sparse_attention_torch,
+    warmup_kl_blockwise,
+    sparse_kl_blockwise,
+    attention_recall_blockwise,
+    oracle_topk_blockwise,
+)
 REFERENCE = Backend(
-    "reference", index_scores_reference, select_topk_reference, sparse_attention_reference, warmup_kl_reference, sparse_kl_reference
+    "reference",
+    index_scores_reference,
+    select_topk_reference,
+    sparse_attention_reference,
+    warmup_kl_reference,
+    sparse_kl_reference,
+    attention_recall_reference,
+    oracle_topk_reference,
 )
 
 _logged_auto_choices: set[tuple[str, str]] = set()

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -100,9 +101,7 @@ def test_selected_sets_equal_between_prefill_and_decode(monkeypatch):
         recorded.append(indices)
         return indices
 
-    backend = model.dsa_runtime.backend
-    monkeypatch.setattr(model.dsa_runtime, "backend", type(backend)(backend.name, backend.index_scores, recording,
-                                                                     backend.sparse_attention, backend.warmup_kl, backend.sparse_kl))
+    monkeypatch.setattr(model.dsa_runtime, "backend", dataclasses.replace(model.dsa_runtime.backend, select_topk=recording))
     with torch.no_grad():
         model(ids)
         prefill = [r.clone() for r in recorded]

@@ -125,6 +125,23 @@ def _mask_rows(attention_mask: torch.Tensor | None, batch: int, queries: int, ke
     return mask.expand(batch, queries, keys)
 
 
+def _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args) -> torch.Tensor:
+    """Return the index sets [B, T, K]: the indexer's top-k, or the oracle's when evaluating it."""
+    config = runtime.config
+    if runtime.selection == "oracle":
+        return runtime.backend.oracle_topk(q, k, config.top_k, scaling, chunk_elements=config.loss_chunk_elements, **mask_args)
+    return runtime.backend.select_topk(
+        q_idx, k_idx, weights, config.top_k,
+        sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size, **mask_args,
+    )
+
+
+def _measure_recall(state, q, k, indices, scaling, mask_args) -> None:
+    state.recall = state.runtime.backend.attention_recall(
+        q, k, indices, scaling, chunk_elements=state.runtime.config.loss_chunk_elements, **mask_args
+    )
+
+
 def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -170,25 +187,27 @@ def dsa_attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     q_start = keys - queries
 
+    mask_args = dict(q_start=q_start, key_padding_mask=padding, attention_mask=rows)
+
     if runtime.mode == "warmup":
         out = _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         state.keys_per_query = None
         if torch.is_grad_enabled():
             state.loss = runtime.backend.warmup_kl(
-                q.detach(), k.detach(), q_idx, k_idx, weights, scaling,
-                q_start=q_start, key_padding_mask=padding, attention_mask=rows,
-                chunk_elements=config.loss_chunk_elements,
+                q.detach(), k.detach(), q_idx, k_idx, weights, scaling, chunk_elements=config.loss_chunk_elements, **mask_args
             )
+        if runtime.measure_recall:
+            with torch.no_grad():
+                indices = _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args)
+            _measure_recall(state, q, k, indices, scaling, mask_args)
         return out
 
     if dropout:
         raise ValueError(f"DSA sparse attention does not implement attention dropout (got {dropout}); set attention_dropout=0.")
-    indices = runtime.backend.select_topk(
-        q_idx, k_idx, weights, config.top_k,
-        q_start=q_start, key_padding_mask=padding, attention_mask=rows,
-        sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size,
-    )
+    indices = _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args)
     state.keys_per_query = (indices >= 0).sum(dim=-1)
+    if runtime.measure_recall:
+        _measure_recall(state, q, k, indices, scaling, mask_args)
     if keys <= config.top_k:
         # Every query selected all of its visible keys, so sparse attention equals dense attention:
         # run SDPA, which gives bit-identical outputs to the unconverted model and is faster here.

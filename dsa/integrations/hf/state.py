@@ -24,6 +24,11 @@ class DSARuntime:
     indexer_loss_weight: float = 1.0
     # True once trained weights were loaded (or training ran); silences the untrained-indexer warning.
     indexer_trained: bool = False
+    # "indexer" selects keys by index score; "oracle" by true head-summed attention mass (evaluation only).
+    selection: Literal["indexer", "oracle"] = "indexer"
+    # When True, each converted layer stores the dense attention mass its selection covers (costs a
+    # dense attention pass per layer; for logging and evaluation).
+    measure_recall: bool = False
     layers: list["LayerState"] = field(default_factory=list)
 
 
@@ -40,4 +45,6 @@ class LayerState:
     loss: torch.Tensor | None = None
     # Keys each query attended in the last forward, [B, T] int64.
     keys_per_query: torch.Tensor | None = None
+    # Mean share of the dense attention mass covered by the selection, when measure_recall is on.
+    recall: torch.Tensor | None = None
     extras: dict[str, object] = field(default_factory=dict)
