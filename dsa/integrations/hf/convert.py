@@ -157,6 +157,24 @@ def _clear_layer_losses(model: nn.Module, args: tuple, kwargs: dict) -> None:
         state.loss = None
 
 
+_OUTPUT_TYPES: dict[type, type] = {}
+
+
+def _with_indexer_fields(output_type: type) -> type:
+    """Return a subclass of a transformers output dataclass with `indexer_loss` and `lm_loss` fields.
+
+    Declared fields (not ad-hoc keys) keep the output rebuildable by code that re-creates outputs from
+    their fields, such as DistributedDataParallel's output handling.
+    """
+    if output_type not in _OUTPUT_TYPES:
+        _OUTPUT_TYPES[output_type] = dataclasses.make_dataclass(
+            f"DSA{output_type.__name__}",
+            [("indexer_loss", torch.Tensor | None, None), ("lm_loss", torch.Tensor | None, None)],
+            bases=(output_type,),
+        )
+    return _OUTPUT_TYPES[output_type]
+
+
 def _attach_indexer_loss(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     """Add `indexer_loss` (mean over layers) to the output and fold it into `loss` for Trainer.
 
@@ -167,14 +185,15 @@ def _attach_indexer_loss(model: nn.Module, args: tuple, kwargs: dict, output: An
     losses = [state.loss for state in runtime.layers if state.loss is not None]
     for state in runtime.layers:
         state.loss = None
-    if not losses or not isinstance(output, ModelOutput):
+    if not losses or not isinstance(output, ModelOutput) or not dataclasses.is_dataclass(output):
         return output
     indexer_loss = torch.stack([loss.float() for loss in losses]).mean()
-    output["indexer_loss"] = indexer_loss
-    lm_loss = output.get("loss")
+    fields = {field.name: getattr(output, field.name) for field in dataclasses.fields(output)}
+    lm_loss = fields.get("loss")
+    fields["indexer_loss"] = indexer_loss
     if lm_loss is not None:
-        output["lm_loss"] = lm_loss
-        output["loss"] = lm_loss + runtime.indexer_loss_weight * indexer_loss
+        fields["lm_loss"] = lm_loss
+        fields["loss"] = lm_loss + runtime.indexer_loss_weight * indexer_loss
     else:
-        output["loss"] = runtime.indexer_loss_weight * indexer_loss
-    return output
+        fields["loss"] = runtime.indexer_loss_weight * indexer_loss
+    return _with_indexer_fields(type(output))(**fields)

@@ -12,6 +12,7 @@ checkpoint and the DSA config in config.json as `dsa_config`) and comes back wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,13 +54,29 @@ def _indexer_modules(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def indexer_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Return the indexer weights of a converted model as {"layers.{i}.{name}": tensor} on the CPU."""
+    """Return the indexer weights of a converted model as {"layers.{i}.{name}": tensor} on the CPU.
+
+    Under DeepSpeed ZeRO-3 the sharded weights are gathered first; that is a collective call, so every
+    rank must call this function.
+    """
     get_runtime(model)
-    state = {}
-    for layer_idx, indexer in _indexer_modules(model).items():
-        for name, tensor in indexer.state_dict().items():
-            state[f"layers.{layer_idx}.{name}"] = tensor.detach().to("cpu").contiguous()
+    indexers = _indexer_modules(model)
+    parameters = [p for indexer in indexers.values() for p in indexer.parameters()]
+    with _gathered(parameters):
+        state = {}
+        for layer_idx, indexer in indexers.items():
+            for name, tensor in indexer.state_dict().items():
+                state[f"layers.{layer_idx}.{name}"] = tensor.detach().to("cpu").clone().contiguous()
     return state
+
+
+def _gathered(parameters: list[nn.Parameter]):
+    """Return a context that gathers ZeRO-3 partitioned parameters, or a no-op context otherwise."""
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -74,11 +91,18 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_indexer(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def save_indexer(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the indexer adapter of a converted model to `directory` and return the folder.
 
     Only `indexer.safetensors` and `dsa_adapter.json` are written, each atomically; other files in the
     folder are left alone. An existing adapter raises `FileExistsError` unless `overwrite=True`.
+    `tensors` passes weights already taken with `indexer_state_dict` (distributed saving).
     """
     runtime = get_runtime(model)
     folder = Path(directory)
@@ -91,7 +115,8 @@ def save_indexer(model: nn.Module, directory: str | os.PathLike[str], *, overwri
         raise FileExistsError(f"an indexer adapter already exists at {existing}; pass overwrite=True to replace it.")
 
     metadata = {"format": "dsa-indexer", "format_version": str(FORMAT_VERSION)}
-    tensors = indexer_state_dict(model)
+    if tensors is None:
+        tensors = indexer_state_dict(model)
     _atomic_write(targets[0], lambda path: save_file(tensors, path, metadata=metadata))
     adapter = {"format_version": FORMAT_VERSION, "dsa_config": runtime.config.to_dict(), "base_model": base_signature(model)}
     text = json.dumps(adapter, indent=2, sort_keys=True) + "\n"

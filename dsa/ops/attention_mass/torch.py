@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_float, resolve_mask_args
+from dsa.ops.indexer_loss.torch import grouped_logits
 from dsa.ops.masks import query_is_kept, visible_keys
 from dsa.ops.topk.torch import _ascending_indices, _choose
 
@@ -27,9 +28,7 @@ def _head_mean_blocks(q, k, scale, q_start, key_padding_mask, attention_mask, ch
         padding = None if key_padding_mask is None else key_padding_mask[:, :span]
         rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
         visible = visible_keys(q_positions, span, padding, batch, rows_mask)
-        grouped = q[:, start:stop].detach().float().reshape(batch, stop - start, kv_heads, heads // kv_heads, head_dim)
-        # [B, Tc, HKV, G, D] @ [B, 1, HKV, D, S'] -> [B, Tc, HKV, G, S']
-        logits = torch.matmul(grouped, k_t[..., :span].unsqueeze(1)) * scale
+        logits = grouped_logits(q[:, start:stop].detach(), k_t[..., :span], scale)
         keep = visible[:, :, None, None, :]
         has_key = visible.any(dim=-1)
         logits = logits.masked_fill(~keep, float("-inf")).masked_fill(~has_key[:, :, None, None, None], 0.0)

@@ -32,15 +32,27 @@ def _head_mean_probs(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(logits, dim=-1) * has_key).mean(dim=(2, 3))
 
 
+def grouped_logits(q_block: torch.Tensor, k_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return attention logits [B, Tc, HKV, G, S'] (a permuted view) for q_block [B, Tc, H, D] and
+    k_t [B, HKV, D, S'], with one matmul per KV head so no key tensor is broadcast over queries."""
+    batch, width, heads, head_dim = q_block.shape
+    kv_heads = k_t.shape[1]
+    groups = heads // kv_heads
+    # [B, Tc, HKV, G, D] -> [B, HKV, Tc * G, D]
+    grouped = q_block.float().reshape(batch, width, kv_heads, groups, head_dim).permute(0, 2, 1, 3, 4)
+    grouped = grouped.reshape(batch, kv_heads, width * groups, head_dim)
+    # [B, HKV, Tc * G, D] @ [B, HKV, D, S'] -> [B, HKV, Tc, G, S'] -> [B, Tc, HKV, G, S']
+    logits = torch.matmul(grouped, k_t) * scale
+    return logits.view(batch, kv_heads, width, groups, -1).permute(0, 2, 1, 3, 4)
+
+
 def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, q_positions, padding, rows_mask, scale):
     batch, width, heads, head_dim = q_block.shape
     kv_heads = k_t.shape[1]
     # Built here rather than passed in, so checkpointing does not keep one [B, Tc, S'] mask per block.
     keep = visible_keys(q_positions, k_t.shape[-1], padding, batch, rows_mask)
     with torch.no_grad():
-        grouped = q_block.float().view(batch, width, kv_heads, heads // kv_heads, head_dim)
-        # [B, Tc, HKV, G, D] @ [B, 1, HKV, D, S'] -> [B, Tc, HKV, G, S']
-        logits = torch.matmul(grouped, k_t.unsqueeze(1)) * scale
+        logits = grouped_logits(q_block, k_t, scale)
         target = _head_mean_probs(logits, keep)
         del logits
     scores = index_scores_chunk(q_idx_block, k_idx_t, weights_block)
