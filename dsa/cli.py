@@ -1,4 +1,4 @@
-"""The `dsa` command: `dsa train ...` (indexer warm-up and sparse fine-tuning)."""
+"""The `dsa` command: `dsa train ...` (indexer warm-up and sparse fine-tuning) and `dsa eval ...`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": "train the indexer (--stage warmup) or fine-tune with sparse attention (--stage sparse)",
+    "eval": "compare dense attention, the attention-mass oracle and DSA: perplexity, recall, passkey",
 }
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from dsa.training.main import main as train_main
 
         return train_main(rest)
+    if command == "eval":
+        from dsa.evaluation.main import main as eval_main
+
+        return eval_main(rest)
     print(f"dsa: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
