@@ -1,0 +1,126 @@
+"""DSA on a real model: hide a fact in a long real text, ask for it, answer with sparse attention.
+
+Run `python demo.py` with no arguments: it loads the embedded SmolLM2-135M-Instruct and the indexer
+adapter shipped in adapters/, builds a prompt of several thousand tokens of Poe (held-out text the
+indexer never saw) with a pass key hidden in it, and generates the answer twice, with DSA and with dense
+attention. It prints both answers, how many keys each decoded token attended against the context
+length, and the prefill and per-token times of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+import dsa
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ADAPTER = ROOT / "adapters" / "smollm2-135m-warmup"
+DEFAULT_TEXT = ROOT / "examples" / "data" / "poe_excerpt.txt"
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+logger = logging.getLogger("demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="Model folder, or 'default' for the embedded SmolLM2-135M-Instruct.")
+    parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="Indexer adapter folder (dsa.save_indexer / dsa train output).")
+    parser.add_argument("--prompt_file", default=str(DEFAULT_TEXT), help="UTF-8 text used as the long context.")
+    parser.add_argument("--context_tokens", type=int, default=3000, help="Prompt length in tokens, including the hidden fact and the question.")
+    parser.add_argument("--top_k", type=int, help="Keys each query attends to (default: the adapter's top_k).")
+    parser.add_argument("--depth", type=float, default=0.3, help="Where the fact is hidden, as a fraction of the context (0 = start, 1 = end).")
+    parser.add_argument("--max_new_tokens", type=int, default=12, help="Tokens to generate.")
+    parser.add_argument("--seed", type=int, default=1234, help="Seed of the hidden pass key.")
+    return parser
+
+
+def load(model_name: str, adapter: str, top_k: int | None):
+    path = dsa.default_model_path() if model_name == "default" else Path(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dsa.load_indexer(model, adapter)
+    if top_k is not None:
+        dsa.update_config(model, top_k=top_k)
+    return model, tokenizer
+
+
+def build_prompt(tokenizer, text: str, length: int, depth: float, key: str) -> torch.Tensor:
+    needle = tokenizer(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n", add_special_tokens=False)["input_ids"]
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    filler = tokenizer(text, add_special_tokens=False)["input_ids"]
+    budget = length - len(needle) - len(question)
+    if budget < 1 or len(filler) < budget:
+        raise ValueError(f"--context_tokens {length} needs {budget} filler tokens but the prompt file has {len(filler)}; use a longer file or a smaller value.")
+    filler = filler[:budget]
+    cut = int(min(max(depth, 0.0), 1.0) * len(filler))
+    return torch.tensor(filler[:cut] + needle + filler[cut:] + question).unsqueeze(0)
+
+
+@torch.no_grad()
+def generate_timed(model, prompt: torch.Tensor, max_new_tokens: int, label: str) -> dict:
+    """Greedy decoding with separate prefill and per-token timings; returns tokens, times and key counts."""
+    cache = DynamicCache(config=model.config)
+    started = time.perf_counter()
+    logits = model(prompt, cache=cache, use_cache=True).logits[:, -1]
+    prefill = time.perf_counter() - started
+    tokens, step_times, keys = [], [], []
+    for _ in tqdm(range(max_new_tokens), desc=f"{label} decode", unit="token", leave=False):
+        token = logits.argmax(dim=-1, keepdim=True)
+        tokens.append(int(token))
+        started = time.perf_counter()
+        logits = model(token, cache=cache, use_cache=True).logits[:, -1]
+        step_times.append(time.perf_counter() - started)
+        counts = dsa.keys_per_query(model)
+        if counts:
+            keys.append(max(int(c.max()) for c in counts.values()))
+    return {"tokens": tokens, "prefill_s": prefill, "per_token_ms": 1000 * sum(step_times) / len(step_times), "keys": keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    logger.info("Loading %s with the indexer adapter %s", args.model, args.adapter)
+    model, tokenizer = load(args.model, args.adapter, args.top_k)
+    top_k = dsa.get_runtime(model).config.top_k
+
+    key = str(random.Random(args.seed).randrange(10000, 99999))
+    text = Path(args.prompt_file).read_text(encoding="utf-8")
+    prompt = build_prompt(tokenizer, text, args.context_tokens, args.depth, key)
+    logger.info("Prompt: %d tokens of %s, pass key %s hidden at %.0f%% depth; top_k %d", prompt.shape[1], Path(args.prompt_file).name, key, 100 * args.depth, top_k)
+
+    results = {}
+    for mode in ("sparse", "dense"):
+        dsa.set_mode(model, mode)
+        logger.info("Generating with %s attention ...", "DSA" if mode == "sparse" else "dense")
+        results[mode] = generate_timed(model, prompt, args.max_new_tokens, mode)
+    dsa.set_mode(model, "sparse")
+
+    context = prompt.shape[1]
+    print()
+    print(f"hidden pass key: {key}    context: {context} tokens    top_k: {top_k}")
+    for mode, label in (("sparse", "DSA  "), ("dense", "dense")):
+        result = results[mode]
+        answer = tokenizer.decode(result["tokens"]).strip().replace("\n", " ")
+        found = "found" if key in answer else "not found"
+        print(f"{label} answer: {answer!r} ({found})")
+    keys = results["sparse"]["keys"]
+    print(f"keys attended per decoded token (DSA): {min(keys)}-{max(keys)} of {context}-{context + len(keys) - 1} in context "
+          f"({100 * max(keys) / context:.1f}%)")
+    print(f"{'':6}{'prefill (s)':>12}{'per token (ms)':>16}")
+    for mode, label in (("sparse", "DSA"), ("dense", "dense")):
+        print(f"{label:6}{results[mode]['prefill_s']:>12.2f}{results[mode]['per_token_ms']:>16.1f}")
+    print("Times are wall-clock on this machine; see docs/benchmarks.md for the operator benchmarks.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import dsa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import demo  # noqa: E402
+
+
+def test_demo_runs_end_to_end_on_tiny_model(tiny_checkpoint, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=32))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    assert demo.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"),
+                      "--context_tokens", "300", "--max_new_tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "context: 300 tokens    top_k: 32" in printed
+    assert "keys attended per decoded token (DSA): 32-32 of 300-302" in printed
+    assert re.search(r"^DSA\s+answer: ", printed, re.MULTILINE)
+    assert re.search(r"^dense\s+answer: ", printed, re.MULTILINE)
+
+
+def test_demo_rejects_too_long_context(tiny_checkpoint, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=32))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    with pytest.raises(ValueError, match="use a longer file or a smaller value"):
+        demo.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--prompt_file", str(short)])
+
+
+def test_shipped_text_is_long_enough():
+    assert Path(demo.DEFAULT_TEXT).stat().st_size > 40000
