@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import dsa
+from dsa.evaluation.passkey import build_passkey_prompt
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ADAPTER = ROOT / "adapters" / "smollm2-135m-warmup"
 DEFAULT_TEXT = ROOT / "examples" / "data" / "poe_excerpt.txt"
-QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 logger = logging.getLogger("demo")
 
@@ -51,18 +51,6 @@ def load(model_name: str, adapter: str, top_k: int | None):
     if top_k is not None:
         dsa.update_config(model, top_k=top_k)
     return model, tokenizer
-
-
-def build_prompt(tokenizer, text: str, length: int, depth: float, key: str) -> torch.Tensor:
-    needle = tokenizer(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n", add_special_tokens=False)["input_ids"]
-    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    filler = tokenizer(text, add_special_tokens=False)["input_ids"]
-    budget = length - len(needle) - len(question)
-    if budget < 1 or len(filler) < budget:
-        raise ValueError(f"--context_tokens {length} needs {budget} filler tokens but the prompt file has {len(filler)}; use a longer file or a smaller value.")
-    filler = filler[:budget]
-    cut = int(min(max(depth, 0.0), 1.0) * len(filler))
-    return torch.tensor(filler[:cut] + needle + filler[cut:] + question).unsqueeze(0)
 
 
 @torch.no_grad()
@@ -94,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     key = str(random.Random(args.seed).randrange(10000, 99999))
     text = Path(args.prompt_file).read_text(encoding="utf-8")
-    prompt = build_prompt(tokenizer, text, args.context_tokens, args.depth, key)
+    filler = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = build_passkey_prompt(tokenizer, filler, args.context_tokens, args.depth, key)
     logger.info("Prompt: %d tokens of %s, pass key %s hidden at %.0f%% depth; top_k %d", prompt.shape[1], Path(args.prompt_file).name, key, 100 * args.depth, top_k)
 
     results = {}

@@ -30,7 +30,7 @@ def test_demo_rejects_too_long_context(tiny_checkpoint, tmp_path):
     dsa.save_indexer(model, tmp_path / "adapter")
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.")
-    with pytest.raises(ValueError, match="use a longer file or a smaller value"):
+    with pytest.raises(ValueError, match="use a longer text or a shorter length"):
         demo.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--prompt_file", str(short)])
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dsa
+from dsa.evaluation.passkey import build_passkey_prompt
 from dsa.integrations.hf.convert import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -112,21 +113,6 @@ def _perplexity_and_recall(model, windows, kind, top_k, settings, progress) -> d
     return result
 
 
-PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
-
-
-def _passkey_prompt(tokenizer, filler_ids: list[int], length: int, key: str, rng: random.Random) -> torch.Tensor:
-    needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)["input_ids"]
-    question = tokenizer(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
-    budget = length - len(needle) - len(question)
-    if budget < 16:
-        raise ValueError(f"context length {length} is too short for a passkey prompt.")
-    offset = rng.randrange(0, max(1, len(filler_ids) - budget))
-    filler = filler_ids[offset : offset + budget]
-    depth = rng.randrange(0, len(filler) + 1)
-    return torch.tensor(filler[:depth] + needle + filler[depth:] + question).unsqueeze(0)
-
-
 @torch.no_grad()
 def _passkey_accuracy(model, tokenizer, filler_ids, length, kind, top_k, trials, seed, progress) -> float:
     _configure(model, kind, top_k, measure_recall=False)
@@ -134,11 +120,14 @@ def _passkey_accuracy(model, tokenizer, filler_ids, length, kind, top_k, trials,
     hits = 0
     for _ in range(trials):
         key = str(rng.randrange(10000, 99999))
-        prompt = _passkey_prompt(tokenizer, filler_ids, length, key, rng)
+        # A random stretch of the text as filler, the needle at a random depth.
+        offset = rng.randrange(0, max(1, len(filler_ids) - length))
+        prompt = build_passkey_prompt(tokenizer, filler_ids[offset:], length, rng.random(), key)
         output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         answer = tokenizer.decode(output[0, prompt.shape[1] :])
-        hits += int(re.search(r"\d+", answer) is not None and re.search(r"\d+", answer).group() == key)
+        number = re.search(r"\d+", answer)
+        hits += int(number is not None and number.group() == key)
         progress.update(1)
     return hits / trials if trials else float("nan")
 
