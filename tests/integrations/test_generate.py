@@ -132,6 +132,28 @@ def test_left_padded_batch_row_equals_row_alone():
         assert torch.equal(batched_counts[layer][1, pad:], alone_counts[layer][0])
 
 
+def test_padding_never_selected(monkeypatch):
+    _, model = _pair()
+    recorded = []
+    select = model.dsa_runtime.backend.select_topk
+
+    def recording(*args, **kwargs):
+        indices = select(*args, **kwargs)
+        recorded.append(indices)
+        return indices
+
+    monkeypatch.setattr(model.dsa_runtime, "backend", dataclasses.replace(model.dsa_runtime.backend, select_topk=recording))
+    pad = 9
+    batch = torch.cat([random_ids(1, 30, seed=12), torch.cat([torch.zeros(1, pad, dtype=torch.long), random_ids(1, 30 - pad, seed=13)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert recorded
+    for indices in recorded:
+        padded_row = indices[1]
+        assert not ((padded_row >= 0) & (padded_row < pad)).any(), "a left-padding key was selected"
+
+
 def test_batched_generation_with_left_padding_matches_single():
     _, model = _pair()
     prompts = [random_ids(1, 12, seed=6), random_ids(1, 7, seed=8)]

@@ -106,6 +106,18 @@ def test_invalid_stage_rejected(tiny_checkpoint, text_file, tmp_path):
                     str(text_file), "--output_dir", str(tmp_path), *COMMON])
 
 
+def test_report_to_tensorboard(tiny_checkpoint, text_file, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed")
+    output = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
+    train_main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
+                "--output_dir", str(output), "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
+                *[a for a in COMMON if a not in ("--report_to", "none")],
+                "--report_to", "tensorboard"])
+    events = list((output / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file was written"
+
+
 def test_help_explains_units():
     completed = subprocess.run([sys.executable, "-m", "dsa.train", "--help"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0
