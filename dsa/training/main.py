@@ -81,7 +81,7 @@ def _check_output_dir(args: DSATrainingArguments) -> None:
     adapter = Path(args.output_dir) / ADAPTER_FOLDER
     if adapter.exists() and not args.resume_from_checkpoint:
         raise FileExistsError(
-            f"{adapter} already holds a trained adapter; choose another --output_dir, remove it, or pass "
+            f"{adapter} already contains a trained adapter; choose another --output_dir, remove it, or pass "
             "--resume_from_checkpoint to continue that run."
         )
 

@@ -95,7 +95,7 @@ def test_bad_data_fails_before_training(tiny_checkpoint, tmp_path):
 
 def test_existing_adapter_not_overwritten(tiny_checkpoint, text_file, tmp_path):
     (tmp_path / "adapter").mkdir()
-    with pytest.raises(FileExistsError, match="already holds a trained adapter"):
+    with pytest.raises(FileExistsError, match="already contains a trained adapter"):
         train_main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
                     "--output_dir", str(tmp_path), "--max_steps", "1", *COMMON])
 

@@ -6,8 +6,8 @@ Flow for one converted layer and one forward call:
    and the cache from the module's keyword arguments, runs the lightning indexer on the new tokens and
    appends their indexer keys to the cache (`Cache.update_indexer`). The results wait on the layer state.
 2. The module computes q, k, v, applies RoPE, updates its KV cache and calls the attention function
-   registered as "dsa" (below), which selects the top-k keys per query and runs sparse attention, or
-   runs dense SDPA and the warm-up loss, depending on the mode.
+   registered as "dsa" (below). In sparse mode that function selects the top-k keys per query and runs
+   sparse attention; in warm-up mode it runs dense SDPA and the warm-up loss.
 
 Layers without an indexer (sliding-window layers) and the dense mode run transformers' own SDPA
 function with the same mask, so they stay exactly as the unconverted model computes them.
@@ -66,7 +66,7 @@ def _indexed_cache_layer(cache, layer_idx: int) -> DynamicIndexedLayer:
         )
     if layer.is_initialized and layer.get_seq_length() > 0:
         raise ValueError(
-            f"the cache already holds {layer.get_seq_length()} tokens for layer {layer_idx} that were computed "
+            f"the cache already contains {layer.get_seq_length()} tokens for layer {layer_idx} that were computed "
             "without a DSA indexer; start from an empty cache after convert()."
         )
     indexed = DynamicIndexedLayer()
@@ -156,8 +156,9 @@ def dsa_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention for query [B, H, T, D] and key, value [B, HKV, S, D] (the cache included); returns
-    out [B, T, H, D] as transformers' attention functions do."""
+    """Compute attention for query [B, H, T, D] and key, value [B, HKV, S, D], the cache included.
+
+    Returns (out [B, T, H, D], None), the convention of transformers' attention functions."""
     state: LayerState | None = getattr(module, "dsa_state", None)
     if state is None or state.runtime.mode == "dense":
         return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
@@ -176,8 +177,8 @@ def dsa_attention_forward(
     keys = key.shape[2]
     if k_idx.shape[1] != keys:
         raise RuntimeError(
-            f"layer {state.layer_idx}: the indexer key cache holds {k_idx.shape[1]} tokens but the attention cache "
-            f"holds {keys}; the cache was extended without the indexer. Start from an empty cache after convert()."
+            f"layer {state.layer_idx}: the indexer key cache contains {k_idx.shape[1]} tokens but the attention cache "
+            f"contains {keys}; the cache was extended without the indexer. Start from an empty cache after convert()."
         )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     rows = _mask_rows(attention_mask, batch, queries, keys)

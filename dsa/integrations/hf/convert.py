@@ -114,9 +114,12 @@ def convert(
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Choose how converted layers attend: "dense" (the original attention, indexer idle), "warmup"
-    (dense attention plus the indexer KL loss; freezes every parameter except the indexers) or "sparse"
-    (top-k selection and sparse attention; the sparse-stage KL is computed in training mode)."""
+    """Choose how converted layers attend.
+
+    "dense" runs the original attention and leaves the indexer idle. "warmup" runs dense attention plus
+    the indexer KL loss, and freezes every parameter except the indexers. "sparse" runs top-k selection
+    and sparse attention, and computes the sparse-stage KL in training mode.
+    """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid; expected one of {MODES}.")
     runtime = get_runtime(model)
@@ -127,8 +130,10 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 
 def update_config(model: nn.Module, **changes: Any) -> DSAConfig:
-    """Change run-time fields of a converted model's DSA config (top_k, chunk sizes, sinks, backend, ...)
-    and return the new config; fields that size the indexer weights cannot change after convert()."""
+    """Change run-time fields of a converted model's DSA config (top_k, chunk sizes, sinks, backend).
+
+    Returns the new config. Fields that size the indexer weights raise `ValueError`.
+    """
     runtime = get_runtime(model)
     fixed = sorted(set(changes) - set(RUNTIME_FIELDS))
     if fixed:
