@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ from dsa.training.main import main as train_main
 
 COMMON = ["--model_max_length", "128", "--per_device_train_batch_size", "4", "--indexer_heads", "2",
           "--indexer_head_dim", "16", "--rope_dim", "8", "--top_k", "16", "--report_to", "none", "--seed", "3"]
+
+
+def _free_port() -> str:
+    """Return a free TCP port on the loopback interface for torchrun's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def _history(output_dir: Path) -> list[dict]:
@@ -127,7 +135,7 @@ def test_help_explains_units():
 
 def test_ddp_two_processes_on_cpu(tiny_checkpoint, text_file, tmp_path):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", _free_port(),
                "-m", "dsa.train", "--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
                "--output_dir", str(output), "--max_steps", "12", "--logging_steps", "1", "--learning_rate", "1e-2",
                "--save_strategy", "no", "--use_cpu", "--ddp_backend", "gloo", *COMMON]
@@ -143,7 +151,7 @@ def test_ddp_two_processes_on_cpu(tiny_checkpoint, text_file, tmp_path):
 
 
 def test_fsdp_on_cpu_rejected_not_silently_ddp(tiny_checkpoint, text_file, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", _free_port(),
                "-m", "dsa.train", "--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
                "--output_dir", str(tmp_path / "fsdp"), "--max_steps", "2", "--use_cpu", "--ddp_backend", "gloo",
                "--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}',
