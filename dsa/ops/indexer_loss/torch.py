@@ -1,10 +1,12 @@
 """Blockwise indexer losses: equal to the references, without any [T, S] matrix per head.
 
 The warm-up KL runs over blocks of Tc queries, with Tc chosen so that one block's attention logits
-[B, Tc, H, S] stay under `chunk_elements`. Each block runs under non-reentrant activation
-checkpointing, so the backward pass recomputes the block instead of keeping its [B, Tc, HI, S] indexer
-logits alive: peak memory follows the block size, not T * S. The sparse KL works on the gathered
-[B, Tc, K] selection only.
+[B, Tc, H, S] stay under `chunk_elements`. Because the loss is a scalar, each block's gradients with
+respect to q_idx, k_idx and weights are computed in the forward pass, right after its loss (as fused
+linear-cross-entropy kernels do); the backward pass only scales them. So the attention target and the
+indexer logits of a block are computed once and freed before the next block: peak memory follows the
+block size, not T * S. The sparse KL works on the gathered [B, Tc, K] selection only, under
+non-reentrant activation checkpointing.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ def _block_kl(target: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) ->
 
 
 def _head_mean_probs(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over heads of masked softmax: logits [B, Tc, HKV, G, S'], keep [B, Tc, S'] -> [B, Tc, S']."""
-    keep_heads = keep[:, :, None, None, :]
-    has_key = keep_heads.any(dim=-1, keepdim=True)
-    logits = logits.masked_fill(~keep_heads, float("-inf")).masked_fill(~has_key, 0.0)
-    return (torch.softmax(logits, dim=-1) * has_key).mean(dim=(2, 3))
+    """Mean over heads of masked softmax: logits [B, Tc, HKV, G, S'], keep [B, Tc, S'] -> [B, Tc, S'].
+
+    Rows without a visible key get all-zero probabilities. `logits` is overwritten.
+    """
+    bias = torch.zeros(keep.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~keep, float("-inf"))
+    logits.add_(bias[:, :, None, None, :])
+    # A row of -inf gives NaN in softmax: only rows without any visible key, which must be zeros.
+    return torch.softmax(logits, dim=-1).mean(dim=(2, 3)).nan_to_num_(0.0)
 
 
 def grouped_logits(q_block: torch.Tensor, k_t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -46,26 +51,68 @@ def grouped_logits(q_block: torch.Tensor, k_t: torch.Tensor, scale: float) -> to
     return logits.view(batch, kv_heads, width, groups, -1).permute(0, 2, 1, 3, 4)
 
 
-def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, q_positions, padding, rows_mask, scale):
-    batch, width, heads, head_dim = q_block.shape
-    kv_heads = k_t.shape[1]
-    # Built here rather than passed in, so checkpointing does not keep one [B, Tc, S'] mask per block.
-    keep = visible_keys(q_positions, k_t.shape[-1], padding, batch, rows_mask)
+def _warmup_block_loss(q_block, k_t, q_idx_block, k_idx_t, weights_block, keep, counted, scale):
+    """Return the summed KL of the counted rows of one block (a scalar with grad to the indexer inputs)."""
     with torch.no_grad():
-        logits = grouped_logits(q_block, k_t, scale)
-        target = _head_mean_probs(logits, keep)
-        del logits
+        target = _head_mean_probs(grouped_logits(q_block, k_t, scale), keep)
     scores = index_scores_chunk(q_idx_block, k_idx_t, weights_block)
-    return _block_kl(target, scores, keep)
+    return (_block_kl(target, scores, keep) * counted).sum()
 
 
-def _has_visible_key(q_positions: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-    """Return [B, Tc] bool: True where a query at q_positions [Tc] sees at least one kept key."""
-    if padding is None:
-        return torch.ones(1, q_positions.numel(), dtype=torch.bool, device=q_positions.device)
-    # The earliest kept key of each row must lie at or before the query.
-    first_kept = torch.where(padding.any(dim=-1), padding.int().argmax(dim=-1), padding.shape[-1])
-    return first_kept.unsqueeze(1) <= q_positions.unsqueeze(0)
+class _WarmupKL(torch.autograd.Function):
+    """Blockwise warm-up KL whose forward pass also computes the input gradients (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q_idx, k_idx, weights, q, k, scale, q_start, key_padding_mask, attention_mask, chunk_elements):  # type: ignore[override]
+        batch, queries, heads = q.shape[0], q.shape[1], q.shape[2]
+        keys = k.shape[1]
+        block = max(1, chunk_elements // max(1, batch * heads * keys))
+        need_grad = ctx.needs_input_grad[:3]
+        k_t = k.float().permute(0, 2, 3, 1)  # [B, HKV, D, S]
+        k_idx_t = k_idx.float().transpose(1, 2)  # [B, DI, S]
+        grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
+                 for t, need in zip((q_idx, k_idx_t, weights), need_grad)]
+        total = torch.zeros((), dtype=torch.float32, device=q.device)
+        counted_total = 0
+        for start in range(0, queries, block):
+            stop = min(start + block, queries)
+            span = q_start + stop  # later keys are invisible to every query of the block
+            q_positions = torch.arange(q_start + start, q_start + stop, device=q.device)
+            padding = None if key_padding_mask is None else key_padding_mask[:, :span]
+            rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
+            keep = visible_keys(q_positions, span, padding, batch, rows_mask)
+            counted = query_is_kept(q_positions, key_padding_mask, batch) & keep.any(dim=-1)
+            leaves = [
+                q_idx[:, start:stop].detach().requires_grad_(need_grad[0]),
+                k_idx_t[..., :span].detach().requires_grad_(need_grad[1]),
+                weights[:, start:stop].detach().requires_grad_(need_grad[2]),
+            ]
+            with torch.enable_grad():
+                block_loss = _warmup_block_loss(q[:, start:stop], k_t[..., :span], leaves[0], leaves[1], leaves[2], keep, counted, scale)
+                wanted = [leaf for leaf, need in zip(leaves, need_grad) if need]
+                block_grads = iter(torch.autograd.grad(block_loss, wanted)) if wanted else iter(())
+            for index, need in enumerate(need_grad):
+                if need:
+                    target = grads[index]
+                    view = target[:, start:stop] if index != 1 else target[..., :span]
+                    view.add_(next(block_grads))
+            total += block_loss.detach()
+            counted_total += int(counted.sum())
+        denominator = max(counted_total, 1)
+        ctx.save_for_backward(*[g / denominator if g is not None else torch.empty(0) for g in grads])
+        ctx.dtypes = (q_idx.dtype, k_idx.dtype, weights.dtype)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        grad_q_idx, grad_k_idx_t, grad_weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        outputs = [
+            (grad_q_idx * grad_loss).to(ctx.dtypes[0]) if needs[0] else None,
+            (grad_k_idx_t * grad_loss).transpose(1, 2).to(ctx.dtypes[1]) if needs[1] else None,
+            (grad_weights * grad_loss).to(ctx.dtypes[2]) if needs[2] else None,
+        ]
+        return (*outputs, None, None, None, None, None, None, None)
 
 
 def warmup_kl_blockwise(
@@ -85,44 +132,12 @@ def warmup_kl_blockwise(
     check_float("q", q, 4)
     check_float("k", k, 4)
     check_indexer_inputs(q_idx, k_idx, weights)
-    batch, queries, heads = q.shape[0], q.shape[1], q.shape[2]
-    keys = k.shape[1]
+    batch, queries, keys = q.shape[0], q.shape[1], k.shape[1]
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    block = max(1, chunk_elements // max(1, batch * heads * keys))
-
-    k_t = k.detach().float().permute(0, 2, 3, 1)  # [B, HKV, D, S]
-    k_idx_t = k_idx.float().transpose(1, 2)  # [B, DI, S], keeps grad to k_idx
-    total = q_idx.new_zeros((), dtype=torch.float32)
-    counted = 0
-    for start in range(0, queries, block):
-        stop = min(start + block, queries)
-        q_positions = torch.arange(q_start + start, q_start + stop, device=q.device)
-        span = q_start + stop  # later keys are invisible to every query of the block
-        padding = None if key_padding_mask is None else key_padding_mask[:, :span]
-        # A slice of the caller's mask is a view, so checkpointing keeps no copy of it.
-        rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
-        rows = checkpoint(
-            _warmup_block,
-            q[:, start:stop].detach(),
-            k_t[..., :span],
-            q_idx[:, start:stop],
-            k_idx_t[..., :span],
-            weights[:, start:stop],
-            q_positions,
-            padding,
-            rows_mask,
-            scale,
-            use_reentrant=False,
-        )
-        if rows_mask is None:
-            has_key = _has_visible_key(q_positions, padding)
-        else:
-            has_key = visible_keys(q_positions, span, padding, batch, rows_mask).any(dim=-1)
-        rows_counted = query_is_kept(q_positions, key_padding_mask, batch) & has_key
-        total = total + (rows * rows_counted).sum()
-        counted += int(rows_counted.sum())
-    return total / max(counted, 1)
+    return _WarmupKL.apply(
+        q_idx, k_idx, weights, q.detach(), k.detach(), scale, q_start, key_padding_mask, attention_mask, chunk_elements
+    )
 
 
 def _sparse_block(q_block, k_sel, q_idx_block, k_idx_sel, weights_block, valid, scale):
