@@ -112,3 +112,12 @@ def test_from_pretrained_of_plain_checkpoint_rejected(tmp_path):
         dsa.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         dsa.from_pretrained(tmp_path / "missing")
+
+
+def test_adapter_saved_in_bfloat16_loads_into_fp32_model(tmp_path):
+    model = _trained()
+    dsa.save_indexer(model, tmp_path, dtype=torch.bfloat16)
+    fresh = dsa.load_indexer(tiny_model(), tmp_path)
+    for saved, loaded in zip(dsa.indexer_parameters(model), dsa.indexer_parameters(fresh)):
+        assert loaded.dtype == torch.float32
+        assert torch.equal(loaded, saved.to(torch.bfloat16).float())

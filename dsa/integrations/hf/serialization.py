@@ -97,12 +97,14 @@ def save_indexer(
     *,
     overwrite: bool = False,
     tensors: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the indexer adapter of a converted model to `directory` and return the folder.
 
     Only `indexer.safetensors` and `dsa_adapter.json` are written, each atomically; other files in the
     folder are left alone. An existing adapter raises `FileExistsError` unless `overwrite=True`.
-    `tensors` passes weights already taken with `indexer_state_dict` (distributed saving).
+    `tensors` passes weights already taken with `indexer_state_dict` (distributed saving); `dtype`
+    (for example torch.bfloat16) stores floating-point weights in that dtype to halve the file.
     """
     runtime = get_runtime(model)
     folder = Path(directory)
@@ -117,6 +119,8 @@ def save_indexer(
     metadata = {"format": "dsa-indexer", "format_version": str(FORMAT_VERSION)}
     if tensors is None:
         tensors = indexer_state_dict(model)
+    if dtype is not None:
+        tensors = {key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()}
     _atomic_write(targets[0], lambda path: save_file(tensors, path, metadata=metadata))
     adapter = {"format_version": FORMAT_VERSION, "dsa_config": runtime.config.to_dict(), "base_model": base_signature(model)}
     text = json.dumps(adapter, indent=2, sort_keys=True) + "\n"
