@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_path):
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
-    source = Path(__file__).resolve().parents[3] / "shared" / "data" / "war_and_peace.txt"
+    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "war_and_peace.txt"
     text = source.read_text(encoding="utf-8")[:60000] if source.is_file() else ("It was a bright cold day in April. " * 2000)
     path = tmp_path_factory.mktemp("data") / "book.txt"
     path.write_text(text, encoding="utf-8")
