@@ -41,6 +41,14 @@ def _gather(rows: torch.Tensor, ids: torch.Tensor, shape: tuple[int, ...]) -> to
     return rows.index_select(0, ids).view(shape).float()
 
 
+def _crop_empty_tail(idx: torch.Tensor) -> torch.Tensor:
+    """Drop trailing slots that are -1 in every row of the chunk [B, Tc, K]; they would gather key 0
+    for nothing (the first K queries of a prefill see fewer than K keys)."""
+    used = (idx >= 0).any(dim=0).any(dim=0)
+    width = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return idx if width == idx.shape[-1] else idx[..., :width]
+
+
 def _masked_logits(q: torch.Tensor, k_sel: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
     """Return masked logits [B, Tc, HKV, G, K] for q [B, Tc, HKV, G, D] and k_sel [B, Tc, HKV, K, D]."""
     logits = torch.matmul(q, k_sel.transpose(-1, -2)) * scale
@@ -59,7 +67,7 @@ class _SparseAttention(torch.autograd.Function):
         lse = torch.empty(batch, queries, heads, dtype=torch.float32, device=q.device)
         for start in range(0, queries, chunk_size):
             stop = min(start + chunk_size, queries)
-            idx = indices[:, start:stop]
+            idx = _crop_empty_tail(indices[:, start:stop])
             valid = idx >= 0
             shape = (batch, stop - start, kv_heads, idx.shape[-1], head_dim)
             k_sel = _gather(k_rows, _row_ids(idx.clamp_min(0), k_strides, kv_heads), shape)
@@ -100,7 +108,7 @@ class _SparseAttention(torch.autograd.Function):
         for start in range(0, queries, chunk_size):
             stop = min(start + chunk_size, queries)
             width = stop - start
-            idx = indices[:, start:stop]
+            idx = _crop_empty_tail(indices[:, start:stop])
             valid = idx >= 0
             safe = idx.clamp_min(0)
             shape = (batch, width, kv_heads, idx.shape[-1], head_dim)
