@@ -74,14 +74,17 @@ def _choose(scores: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor | 
 
 
 def _ascending_indices(chosen: torch.Tensor, width: int) -> torch.Tensor:
-    """Turn a chosen mask [B, Tc, S'] into indices [B, Tc, width], ascending, -1 in empty slots."""
+    """Turn a chosen mask [B, Tc, S'] into indices [B, Tc, width], ascending, -1 in empty slots.
+
+    Each chosen key's slot is its rank among the row's chosen keys (a cumulative sum), so one scatter
+    lists them in order; unchosen keys go to an extra column that is dropped.
+    """
     span = chosen.shape[-1]
-    # rank S' - s is larger for lower s, so topk of it lists chosen keys in ascending order.
-    descending_rank = torch.arange(span, 0, -1, device=chosen.device)
-    keyed = torch.where(chosen, descending_rank, 0)
     count = min(width, span)
-    top = keyed.topk(count, dim=-1).values
-    indices = torch.where(top > 0, span - top, -1)
+    slots = torch.where(chosen, chosen.cumsum(dim=-1) - 1, count)
+    out = torch.full((*chosen.shape[:-1], count + 1), -1, dtype=torch.int64, device=chosen.device)
+    out.scatter_(-1, slots, torch.arange(span, device=chosen.device).expand_as(slots))
+    indices = out[..., :count]
     if count < width:
         indices = torch.nn.functional.pad(indices, (0, width - count), value=-1)
     return indices
