@@ -30,7 +30,7 @@ def test_untrained_indexer_warns(caplog):
     assert not caplog.records
 
 
-def test_default_mode_is_sparse_and_dense_mode_matches_original():
+def test_dense_mode_matches_original():
     original, model = _pair()
     assert model.dsa_runtime.mode == "sparse"
     ids = random_ids(2, 30)
@@ -60,7 +60,7 @@ def test_sampling_identical_while_fitting_in_top_k():
     assert torch.equal(sampled, original.generate(prompt, **kwargs))
 
 
-def test_generation_past_top_k_attends_at_most_top_k_keys():
+def test_generation_past_top_k_is_sparse():
     _, model = _pair()
     prompt = random_ids(1, 10)
     out = model.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=0)
@@ -168,7 +168,7 @@ def test_batched_generation_with_left_padding_matches_single():
         assert torch.equal(together[row, -15:], alone[0, -15:]), f"row {row} differs when batched"
 
 
-def test_beam_search_past_top_k_runs_and_matches_single_beam_shapes():
+def test_beam_search_matches_and_runs_sparse():
     original, model = _pair(top_k=40)
     prompt = random_ids(1, 8)
     kwargs = dict(max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
@@ -196,7 +196,7 @@ def test_use_cache_false_matches_cached_generation():
     assert torch.equal(model.generate(prompt, use_cache=False, **kwargs), model.generate(prompt, **kwargs))
 
 
-def test_cache_crop_and_batch_select_keep_indexer_keys_aligned():
+def test_cache_crop_and_select_keep_indexer():
     _, model = _pair()
     ids = random_ids(3, 20)
     cache = DynamicCache(config=model.config)

@@ -89,8 +89,8 @@ class _WarmupKL(torch.autograd.Function):
             ]
             with torch.enable_grad():
                 block_loss = _warmup_block_loss(q[:, start:stop], k_t[..., :span], leaves[0], leaves[1], leaves[2], keep, counted, scale)
-                wanted = [leaf for leaf, need in zip(leaves, need_grad) if need]
-                block_grads = iter(torch.autograd.grad(block_loss, wanted)) if wanted else iter(())
+                requested = [leaf for leaf, need in zip(leaves, need_grad) if need]
+                block_grads = iter(torch.autograd.grad(block_loss, requested)) if requested else iter(())
             for index, need in enumerate(need_grad):
                 if need:
                     target = grads[index]
