@@ -62,6 +62,7 @@ def load_records(name_or_path: str, split: str = "train"):
         except Exception as error:  # datasets raises many types for malformed files
             raise DataError(f"could not read {path} as {loader} data: {error}") from error
     else:
+        # NOTE: loading a dataset name from the local cache is not covered by a test yet.
         try:
             records = datasets.load_dataset(name_or_path, split=split)
         except Exception as error:

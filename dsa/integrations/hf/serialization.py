@@ -73,6 +73,7 @@ def indexer_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _gathered(parameters: list[nn.Parameter]):
     """Return a context that gathers ZeRO-3 partitioned parameters, or a no-op context otherwise."""
     if any(hasattr(p, "ds_id") for p in parameters):
+        # NOTE: never run here (no GPU for DeepSpeed); scripts/gpu_check_deepspeed.sh exercises it.
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
