@@ -59,7 +59,7 @@ class DSAConfig:
     straight from the normalised hidden state."""
 
     tie_rule: TieRule = "lowest_index"
-    """How equal index scores are broken at the top-k boundary: "lowest_index" keeps the earlier key."""
+    """Tie rule for equal index scores at the top-k boundary: "lowest_index" keeps the earlier key."""
 
     query_chunk_size: int = 256
     """Queries processed together by top-k selection and sparse attention; bounds their peak memory."""

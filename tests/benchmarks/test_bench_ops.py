@@ -24,4 +24,5 @@ def test_quick_sweep_writes_results(tmp_path):
 def test_help_names_units():
     completed = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0
-    assert "tokens" in completed.stdout and "seconds" in completed.stdout
+    assert "tokens" in completed.stdout
+    assert "seconds" in completed.stdout

@@ -23,16 +23,19 @@ def test_evaluate_compares_three_attentions(converted, text_file):
     for length in ("64", "96"):
         entry = results["lengths"][length]
         dense = entry["dense"]["perplexity"]
-        assert math.isfinite(dense) and dense > 1
+        assert math.isfinite(dense)
+        assert dense > 1
         small, large = entry["top_k=8"], entry["top_k=128"]
         assert 0 < small["dsa"]["recall_mean"] <= small["oracle"]["recall_mean"] + 1e-6 <= 1 + 1e-6
         assert len(small["dsa"]["recall_per_layer"]) == 2
         # top_k above the window length keeps every key: identical to dense, recall 1.
         assert large["dsa"]["perplexity"] == pytest.approx(dense, rel=1e-6)
         assert large["oracle"]["recall_mean"] == pytest.approx(1.0, abs=1e-5)
-        assert 0 <= entry["passkey"]["dense"] <= 1 and entry["passkey"]["top_k"] == 16
+        assert 0 <= entry["passkey"]["dense"] <= 1
+        assert entry["passkey"]["top_k"] == 16
     # The model's own settings come back after the evaluation.
-    assert dsa.get_runtime(model).config.top_k == 16 and dsa.get_runtime(model).mode == "sparse"
+    assert dsa.get_runtime(model).config.top_k == 16
+    assert dsa.get_runtime(model).mode == "sparse"
 
 
 def test_text_too_short_rejected(converted):

@@ -38,7 +38,7 @@ def test_greedy_answer_identical_to_dense_below_top_k(smollm2):
     assert "Paris" in tokenizer.decode(answer[0, prompt.shape[1]:])
 
 
-def test_sparse_past_top_k_on_real_text_and_adapter_round_trip(smollm2, tmp_path):
+def test_real_text_sparse_and_adapter(smollm2, tmp_path):
     model, tokenizer = smollm2
     converted = dsa.convert(copy.deepcopy(model), dsa.DSAConfig.preset("smollm2-135m", top_k=32))
     text = DATA.read_text(encoding="utf-8")[:2000] if DATA.is_file() else "The quick brown fox jumps over the lazy dog. " * 40

@@ -12,13 +12,15 @@ def test_output_shapes_and_dtypes():
     q_idx, k_idx, weights = indexer(hidden, torch.arange(7).expand(2, 7))
     assert q_idx.shape == (2, 7, 4, 64)
     assert k_idx.shape == (2, 7, 64)
-    assert weights.shape == (2, 7, 4) and weights.dtype == torch.float32
+    assert weights.shape == (2, 7, 4)
+    assert weights.dtype == torch.float32
 
 
 def test_low_rank_query_path():
     config = DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, q_lora_rank=12)
     indexer = LightningIndexer(32, config)
-    assert indexer.wq_a.out_features == 12 and indexer.wq_b.in_features == 12
+    assert indexer.wq_a.out_features == 12
+    assert indexer.wq_b.in_features == 12
     assert not hasattr(indexer, "wq")
     q_idx, _, _ = indexer(torch.randn(1, 3, 32), torch.arange(3).view(1, 3))
     assert q_idx.shape == (1, 3, 2, 16)

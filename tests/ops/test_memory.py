@@ -32,7 +32,7 @@ def _measure(body: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_warmup_kl_peak_below_one_score_matrix_per_head():
+def test_warmup_kl_peak_below_score_matrix():
     result = _measure(
         """
         from dsa.ops.indexer_loss import warmup_kl_blockwise

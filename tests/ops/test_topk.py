@@ -61,7 +61,7 @@ def test_selected_scores_are_the_largest():
         assert (visible[unchosen] <= threshold).all()
 
 
-def test_width_and_empty_slots_when_top_k_exceeds_keys():
+def test_top_k_above_keys_pads_empty():
     q, k, w = _inputs(1, 6, 6)
     for select in SELECTORS:
         indices = select(q, k, w, 50)
@@ -180,7 +180,7 @@ def test_chunks_bound_score_matrix(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_select_same_as_fp32_of_same_values(dtype):
+def test_low_precision_selects_as_fp32(dtype):
     q, k, w = _inputs(1, 40, 40, dtype=dtype, seed=21)
     expected = select_topk_reference(q.float(), k.float(), w.float(), 8)
     assert torch.equal(select_topk_torch(q, k, w, 8), expected)

@@ -50,8 +50,11 @@ def test_chat_labels_only_on_assistant_tokens(tokenizer, tmp_path):
     item = build_dataset(str(path), tokenizer, 512)[0]
     labelled = [token for token, label in zip(item["input_ids"], item["labels"]) if label != IGNORE_INDEX]
     text = tokenizer.decode(labelled)
-    assert "Blue." in text and "Green." in text
-    assert "colour" not in text and "terse" not in text and "Another" not in text
+    assert "Blue." in text
+    assert "Green." in text
+    assert "colour" not in text
+    assert "terse" not in text
+    assert "Another" not in text
 
 
 def test_prompt_response_records(tokenizer, tmp_path):
@@ -59,7 +62,8 @@ def test_prompt_response_records(tokenizer, tmp_path):
     path.write_text(json.dumps({"prompt": "What is two plus two?", "response": "Four."}))
     item = build_dataset(str(path), tokenizer, 512)[0]
     labelled = tokenizer.decode([t for t, l in zip(item["input_ids"], item["labels"]) if l != IGNORE_INDEX])
-    assert "Four." in labelled and "plus" not in labelled
+    assert "Four." in labelled
+    assert "plus" not in labelled
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,8 @@ def test_help_explains_units():
     completed = subprocess.run([sys.executable, "-m", "dsa.train", "--help"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0
     assert "Tokens per training sequence" in completed.stdout
-    assert "--stage" in completed.stdout and "--indexer_learning_rate" in completed.stdout
+    assert "--stage" in completed.stdout
+    assert "--indexer_learning_rate" in completed.stdout
 
 
 def test_ddp_two_processes_on_cpu(tiny_checkpoint, text_file, tmp_path):

@@ -46,7 +46,7 @@ def register() -> None:
 def _indexed_cache_layer(cache, layer_idx: int) -> DynamicIndexedLayer:
     """Return the cache layer for `layer_idx`, turning a fresh `DynamicLayer` into a `DynamicIndexedLayer`.
 
-    `generate()` builds a plain `DynamicCache`; swapping the layer class in place keeps the indexer keys
+    `generate()` builds a plain `DynamicCache`. Swapping the layer class in place keeps the indexer keys
     inside the Hugging Face cache object, so beam-search reordering, cropping and batch selection move
     them together with the attention keys.
     """
@@ -182,7 +182,7 @@ def dsa_attention_forward(
         )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     rows = _mask_rows(attention_mask, batch, queries, keys)
-    # The last query sees every earlier key, so its row is the key padding mask (used to rank sinks).
+    # The last query may attend every earlier key, so its row is the key padding mask (used to rank sinks).
     padding = None if rows is None else rows[:, -1]
     # Views in the [B, T, H, D] / [B, S, HKV, D] layout of the operators; nothing is copied.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

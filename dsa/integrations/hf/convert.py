@@ -71,7 +71,7 @@ def convert(
 
     Sliding-window layers keep their dense windowed attention. The mode ("dense", "warmup" or "sparse";
     see `set_mode`) starts as `mode`. Without `config` the indexer is sized by `default_config`.
-    A freshly initialised indexer selects keys at random, so a warning says to warm it up or load an
+    A freshly initialised indexer selects keys at random, so a warning asks to warm it up or load an
     adapter (`dsa.load_indexer`) unless `indexer_trained=True`.
     """
     if is_converted(model):

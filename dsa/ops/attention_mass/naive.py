@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_float, resolve_mask_args
+from dsa.ops.indexer_loss.naive import head_mean_probs_reference
 from dsa.ops.masks import query_is_kept, visible_keys
 
 
@@ -32,11 +33,8 @@ def head_mean_attention_reference(
     scale = head_dim**-0.5 if scale is None else scale
     q_positions = torch.arange(q_start, q_start + queries, device=q.device)
     keep = visible_keys(q_positions, keys, key_padding_mask, batch, attention_mask)
-    k_per_head = k.float().repeat_interleave(heads // k.shape[2], dim=2)
-    logits = torch.einsum("bthd,bshd->bhts", q.float(), k_per_head) * scale
+    probs = head_mean_probs_reference(q, k, keep, scale)
     has_key = keep.any(dim=-1)
-    logits = logits.masked_fill(~keep.unsqueeze(1), float("-inf")).masked_fill(~has_key[:, None, :, None], 0.0)
-    probs = (torch.softmax(logits, dim=-1) * has_key[:, None, :, None]).mean(dim=1)
     counted = query_is_kept(q_positions, key_padding_mask, batch) & has_key
     return probs, counted
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_float, resolve_mask_args
-from dsa.ops.indexer_loss.torch import grouped_logits
+from dsa.ops.indexer_loss.torch import grouped_logits, head_mean_probs
 from dsa.ops.masks import query_is_kept, visible_keys
 from dsa.ops.topk.torch import _ascending_indices, _choose
 
@@ -29,10 +29,8 @@ def _head_mean_blocks(q, k, scale, q_start, key_padding_mask, attention_mask, ch
         rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
         visible = visible_keys(q_positions, span, padding, batch, rows_mask)
         logits = grouped_logits(q[:, start:stop].detach(), k_t[..., :span], scale)
-        keep = visible[:, :, None, None, :]
+        probs = head_mean_probs(logits, visible)
         has_key = visible.any(dim=-1)
-        logits = logits.masked_fill(~keep, float("-inf")).masked_fill(~has_key[:, :, None, None, None], 0.0)
-        probs = (torch.softmax(logits, dim=-1) * has_key[:, :, None, None, None]).mean(dim=(2, 3))
         counted = query_is_kept(q_positions, key_padding_mask, batch) & has_key
         yield start, stop, probs, visible, counted
 
@@ -78,7 +76,7 @@ def oracle_topk_blockwise(
     batch, queries, keys = q.shape[0], q.shape[1], k.shape[1]
     width = min(top_k, keys)
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q.device)
-    for start, stop, probs, visible, _ in _head_mean_blocks(q, k, None if scale is None else scale, q_start, key_padding_mask, attention_mask, chunk_elements):
+    for start, stop, probs, visible, _ in _head_mean_blocks(q, k, scale, q_start, key_padding_mask, attention_mask, chunk_elements):
         chosen = _choose(probs, visible, None, width)
         out[:, start:stop] = _ascending_indices(chosen, width)
     return out

@@ -29,8 +29,11 @@ def _kl_rows(target: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> 
     return terms.sum(dim=-1)
 
 
-def _head_mean_probs(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """Return mean over heads of softmax attention over `keep` [B, T, S]: [B, T, S] fp32."""
+def head_mean_probs_reference(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return the mean over heads of softmax attention restricted to `keep` [B, T, S]: [B, T, S] fp32.
+
+    Rows without a visible key get all-zero probabilities.
+    """
     groups = q.shape[2] // k.shape[2]
     k_per_head = k.float().repeat_interleave(groups, dim=2)
     logits = torch.einsum("bthd,bshd->bhts", q.float(), k_per_head) * scale
@@ -72,7 +75,7 @@ def warmup_kl_reference(
     q_positions = torch.arange(q_start, q_start + queries, device=q.device)
     keep = visible_keys(q_positions, keys, key_padding_mask, batch, attention_mask)
     with torch.no_grad():
-        target = _head_mean_probs(q, k, keep, scale)
+        target = head_mean_probs_reference(q, k, keep, scale)
     rows = _kl_rows(target, index_scores_reference(q_idx, k_idx, weights), keep)
     counted = query_is_kept(q_positions, key_padding_mask, batch) & keep.any(dim=-1)
     return _mean_over(rows, counted)
@@ -98,6 +101,6 @@ def sparse_kl_reference(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keep = indices_to_mask(indices, k.shape[1])
     with torch.no_grad():
-        target = _head_mean_probs(q, k, keep, scale)
+        target = head_mean_probs_reference(q, k, keep, scale)
     rows = _kl_rows(target, index_scores_reference(q_idx, k_idx, weights), keep)
     return _mean_over(rows, keep.any(dim=-1))

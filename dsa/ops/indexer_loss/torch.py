@@ -26,7 +26,7 @@ def _block_kl(target: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) ->
     return (torch.xlogy(target, target) - target * log_pred.masked_fill(~keep, 0.0)).sum(dim=-1)
 
 
-def _head_mean_probs(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def head_mean_probs(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean over heads of masked softmax: logits [B, Tc, HKV, G, S'], keep [B, Tc, S'] -> [B, Tc, S'].
 
     Rows without a visible key get all-zero probabilities. `logits` is overwritten.
@@ -54,7 +54,7 @@ def grouped_logits(q_block: torch.Tensor, k_t: torch.Tensor, scale: float) -> to
 def _warmup_block_loss(q_block, k_t, q_idx_block, k_idx_t, weights_block, keep, counted, scale):
     """Return the summed KL of the counted rows of one block (a scalar with grad to the indexer inputs)."""
     with torch.no_grad():
-        target = _head_mean_probs(grouped_logits(q_block, k_t, scale), keep)
+        target = head_mean_probs(grouped_logits(q_block, k_t, scale), keep)
     scores = index_scores_chunk(q_idx_block, k_idx_t, weights_block)
     return (_block_kl(target, scores, keep) * counted).sum()
 
@@ -147,7 +147,7 @@ def _sparse_block(q_block, k_sel, q_idx_block, k_idx_sel, weights_block, valid, 
         grouped = q_block.float().view(batch, width, kv_heads, heads // kv_heads, head_dim)
         # [B, Tc, HKV, G, D] @ [B, Tc, HKV, D, K] -> [B, Tc, HKV, G, K]
         logits = torch.matmul(grouped, k_sel.float().permute(0, 1, 3, 4, 2)) * scale
-        target = _head_mean_probs(logits, valid)
+        target = head_mean_probs(logits, valid)
     index_heads, index_dim = q_idx_block.shape[2], q_idx_block.shape[3]
     # [B, Tc, HI, DI] @ [B, Tc, DI, K] -> [B, Tc, HI, K], then the head-weighted sum -> [B, Tc, K]
     index_logits = torch.matmul(q_idx_block.float(), k_idx_sel.float().transpose(-1, -2)).relu()
