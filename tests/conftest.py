@@ -1,8 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, so it must be set before any dsa module that
+# defines kernels is imported: without a GPU, the Triton kernel tests run in Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import dsa

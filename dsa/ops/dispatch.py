@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from dsa.config import BACKENDS
+from dsa.ops._triton import require_triton, triton_installed
 from dsa.ops.attention_mass import attention_recall_blockwise, attention_recall_reference, oracle_topk_blockwise, oracle_topk_reference
 from dsa.ops.indexer import index_scores_reference, index_scores_torch
 from dsa.ops.indexer_loss import sparse_kl_blockwise, sparse_kl_reference, warmup_kl_blockwise, warmup_kl_reference
@@ -57,12 +58,30 @@ REFERENCE = Backend(
 _logged_auto_choices: set[tuple[str, str]] = set()
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _triton_backend() -> Backend:
+    """The Triton kernels for scores, selection and sparse attention; the losses and recall stay in PyTorch."""
+    from dsa.ops.indexer.triton import index_scores_chunk_triton, index_scores_triton
+    from dsa.ops.sparse_attention.triton import sparse_attention_triton
+
+    return Backend(
+        "triton",
+        index_scores_triton,
+        functools.partial(select_topk_torch, scores_fn=index_scores_chunk_triton),
+        sparse_attention_triton,
+        warmup_kl_blockwise,
+        sparse_kl_blockwise,
+        attention_recall_blockwise,
+        oracle_topk_blockwise,
+    )
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    """Return the implementations for backend `name` ("auto", "torch", "reference", "triton") on `device`."""
+    """Return the implementations for backend `name` ("auto", "torch", "reference", "triton") on `device`.
+
+    "triton" raises `RuntimeError` where the kernels cannot run (Triton missing, or CPU tensors outside
+    Triton's interpreter). "auto" takes Triton on a CUDA device when it is installed, else the PyTorch
+    path, and logs its choice once per device type.
+    """
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is invalid; expected one of {BACKENDS}.")
     if name == "torch":
@@ -70,13 +89,12 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if name == "reference":
         return REFERENCE
     if name == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available in this version of dsa: no Triton kernels are shipped yet. "
-            "Use backend='torch' (or 'auto')."
-        )
-    # auto: the chunked PyTorch path on every device until Triton kernels exist.
+        require_triton(device)
+        return _triton_backend()
+    use_triton = device.type == "cuda" and triton_installed()
     key = (name, device.type)
     if key not in _logged_auto_choices:
         _logged_auto_choices.add(key)
-        logger.info("dsa backend 'auto' chose 'torch' on device type %r.", device.type)
-    return TORCH
+        reason = "" if use_triton or device.type != "cuda" else " (triton is not installed)"
+        logger.info("dsa backend 'auto' chose %r on device type %r%s.", "triton" if use_triton else "torch", device.type, reason)
+    return _triton_backend() if use_triton else TORCH

@@ -7,12 +7,16 @@ the k-th largest value, then the lowest-index keys equal to it until the row has
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dsa.ops._checks import check_indexer_inputs, resolve_mask_args
 from dsa.ops.indexer.torch import index_scores_chunk
 from dsa.ops.masks import forced_keys, visible_keys
 from dsa.ops.topk.naive import check_selection_args
+
+ScoresFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def select_topk_torch(
@@ -27,13 +31,20 @@ def select_topk_torch(
     sink_tokens: int = 0,
     local_tokens: int = 0,
     chunk_size: int = 256,
+    scores_fn: ScoresFn | None = None,
 ) -> torch.Tensor:
-    """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI]."""
+    """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
+
+    `scores_fn(q_chunk, k_idx_t, w_chunk, first_position)` computes one chunk's scores [B, Tc, S'];
+    the default is the PyTorch `index_scores_chunk`. The Triton backend passes its fused kernel here.
+    """
     check_indexer_inputs(q_idx, k_idx, weights)
     check_selection_args(top_k, sink_tokens, local_tokens)
     batch, queries, keys = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     width = min(top_k, keys)
+    if scores_fn is None:
+        scores_fn = _torch_scores
 
     k_idx_t = k_idx.float().transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
@@ -48,11 +59,15 @@ def select_topk_torch(
             # Every visible key fits: the selection is the causal prefix, no scores needed.
             chosen = visible
         else:
-            scores = index_scores_chunk(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop])
+            scores = scores_fn(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], q_start + start)
             forced = forced_keys(visible, q_positions, _crop(key_padding_mask, span), sink_tokens, local_tokens)
             chosen = _choose(scores, visible, forced, width)
         out[:, start:stop] = _ascending_indices(chosen, width)
     return out
+
+
+def _torch_scores(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first_position: int) -> torch.Tensor:
+    return index_scores_chunk(q_idx, k_idx_t, weights)
 
 
 def _crop(key_padding_mask: torch.Tensor | None, span: int) -> torch.Tensor | None:
