@@ -199,3 +199,42 @@ def test_attention_mask_restricts_selection():
             assert (document[chosen] == document[t]).all()
     expected = select_topk_reference(q, k, w, 5, attention_mask=same_document)
     assert torch.equal(select_topk_torch(q, k, w, 5, attention_mask=same_document, chunk_size=7), expected)
+
+
+@pytest.mark.parametrize("queries", [1, 3, 8])
+@pytest.mark.parametrize("masks", ["none", "padding", "rows"])
+def test_few_queries_equal_reference(queries, masks):
+    # Decode-sized chunks take plain topk (`_untied_topk`); the sets must still equal the reference's.
+    q, k, w = _inputs(2, queries, 300, seed=queries)
+    kwargs = {}
+    if masks == "padding":
+        kwargs["key_padding_mask"] = _left_padded_mask(2, 300, [0, 37])
+    if masks == "rows":
+        rows = torch.rand(2, queries, 300, generator=torch.Generator().manual_seed(1)) > 0.3
+        kwargs["attention_mask"] = rows
+    expected = select_topk_reference(q, k, w, 64, **kwargs)
+    assert torch.equal(select_topk_torch(q, k, w, 64, **kwargs), expected)
+
+
+def test_few_queries_fall_back_on_boundary_ties(monkeypatch):
+    # Integer inputs give many equal scores, so ties straddle the top-k boundary: topk's own choice
+    # among them is arbitrary and the general rule (lowest index) must decide.
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randint(-1, 2, (1, 1, 2, 4), generator=generator).float()
+    k = torch.randint(-1, 2, (1, 500, 4), generator=generator).float()
+    w = torch.ones(1, 1, 2)
+    calls = []
+    original = topk_torch_module._choose
+    monkeypatch.setattr(topk_torch_module, "_choose", lambda *args: calls.append(1) or original(*args))
+    assert torch.equal(select_topk_torch(q, k, w, 50), select_topk_reference(q, k, w, 50))
+    assert calls, "a boundary tie must fall back to the general rule"
+
+
+def test_decode_without_ties_skips_general_rule(monkeypatch):
+    q, k, w = _inputs(1, 1, 400, seed=3)
+
+    def fail(*args):
+        raise AssertionError("a decode step without ties should not build the general rule's masks")
+
+    monkeypatch.setattr(topk_torch_module, "_choose", fail)
+    assert torch.equal(select_topk_torch(q, k, w, 32), select_topk_reference(q, k, w, 32))

@@ -10,6 +10,9 @@ import torch
 
 from dsa.ops._checks import check_indexer_inputs
 
+# Up to this many (query, indexer head) pairs per chunk, scores are computed keys-major (decode).
+FEW_QUERY_HEADS = 64
+
 
 def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Return scores [B, Tc, S] fp32 for q_idx [B, Tc, HI, DI], k_idx_t [B, DI, S] fp32, weights [B, Tc, HI].
@@ -18,12 +21,21 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
     """
     batch, queries, heads, head_dim = q_idx.shape
     scale = heads**-0.5 * head_dim**-0.5
+    head_weights = (weights.float() * scale).unsqueeze(-1)  # [B, Tc, HI, 1]
+    keys_major = k_idx_t.transpose(1, 2)
+    if queries * heads <= FEW_QUERY_HEADS and keys_major.is_contiguous():
+        # Decode: keys-major [S, DI] @ [DI, Tc * HI] per batch row reads the key cache row by row, a
+        # matrix-vector product; the transposed product below would stride through it.
+        q_rows = q_idx.float().reshape(batch, queries * heads, head_dim)
+        rows = [torch.nn.functional.linear(keys_major[b], q_rows[b]) for b in range(batch)]
+        logits = (rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows)).relu_()
+        # [B, Tc, S, HI] @ [B, Tc, HI, 1] -> [B, Tc, S]
+        return torch.matmul(logits.view(batch, -1, queries, heads).transpose(1, 2), head_weights).squeeze(-1)
     # [B, Tc * HI, DI] @ [B, DI, S] -> [B, Tc, HI, S]
     logits = torch.bmm(q_idx.float().reshape(batch, queries * heads, head_dim), k_idx_t)
     logits = logits.view(batch, queries, heads, -1).relu_()
     # [B, Tc, 1, HI] @ [B, Tc, HI, S] -> [B, Tc, S]
-    head_weights = (weights.float() * scale).unsqueeze(2)
-    return torch.matmul(head_weights, logits).squeeze(2)
+    return torch.matmul(head_weights.transpose(-1, -2), logits).squeeze(2)
 
 
 def index_scores_torch(
