@@ -204,7 +204,7 @@ def test_attention_mask_restricts_selection():
 @pytest.mark.parametrize("queries", [1, 3, 8])
 @pytest.mark.parametrize("masks", ["none", "padding", "rows"])
 def test_few_queries_equal_reference(queries, masks):
-    # Decode-sized chunks take plain topk (`_untied_topk`); the sets must still equal the reference's.
+    # Without sinks or a local window, rows take plain topk (`_topk_rows`); the sets must still equal the reference's.
     q, k, w = _inputs(2, queries, 300, seed=queries)
     kwargs = {}
     if masks == "padding":
@@ -216,7 +216,7 @@ def test_few_queries_equal_reference(queries, masks):
     assert torch.equal(select_topk_torch(q, k, w, 64, **kwargs), expected)
 
 
-def test_few_queries_fall_back_on_boundary_ties(monkeypatch):
+def test_boundary_ties_use_general_rule(monkeypatch):
     # Integer inputs give many equal scores, so ties straddle the top-k boundary: topk's own choice
     # among them is arbitrary and the general rule (lowest index) must decide.
     generator = torch.Generator().manual_seed(2)
@@ -230,11 +230,13 @@ def test_few_queries_fall_back_on_boundary_ties(monkeypatch):
     assert calls, "a boundary tie must fall back to the general rule"
 
 
-def test_decode_without_ties_skips_general_rule(monkeypatch):
-    q, k, w = _inputs(1, 1, 400, seed=3)
+@pytest.mark.parametrize("queries", [1, 300])
+def test_no_ties_skip_general_rule(monkeypatch, queries):
+    # Positive inputs give positive, distinct scores: no ties anywhere.
+    q, k, w = (t.abs() for t in _inputs(1, queries, 400, seed=3))
 
     def fail(*args):
-        raise AssertionError("a decode step without ties should not build the general rule's masks")
+        raise AssertionError("rows without boundary ties should not build the general rule's masks")
 
     monkeypatch.setattr(topk_torch_module, "_choose", fail)
     assert torch.equal(select_topk_torch(q, k, w, 32), select_topk_reference(q, k, w, 32))

@@ -16,9 +16,6 @@ from dsa.ops.indexer.torch import index_scores_chunk
 from dsa.ops.masks import forced_keys, visible_keys
 from dsa.ops.topk.naive import check_selection_args
 
-# Chunks of at most this many queries try a plain `topk` first (see `_untied_topk`).
-FEW_QUERIES = 8
-
 ScoresFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -51,64 +48,75 @@ def select_topk_torch(
 
     k_idx_t = k_idx.float().transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
-    few_ok = sink_tokens == 0 and local_tokens == 0
+    plain = sink_tokens == 0 and local_tokens == 0
     for start in range(0, queries, chunk_size):
         stop = min(start + chunk_size, queries)
+        first = q_start + start
         # Keys beyond the last query's position are invisible to the whole chunk: skip them.
         span = q_start + stop
         rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
-        scores = None
-        if few_ok and stop - start <= FEW_QUERIES and span >= width:
-            scores = scores_fn(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], q_start + start)
-            _hide_invisible(scores, q_start + start, _crop(key_padding_mask, span), rows_mask)
-            indices = _untied_topk(scores, width)
-            if indices is not None:
-                out[:, start:stop] = indices
-                continue
-        q_positions = torch.arange(q_start + start, q_start + stop, device=q_idx.device)
-        visible = visible_keys(q_positions, span, _crop(key_padding_mask, span), batch, rows_mask)
+        padding = _crop(key_padding_mask, span)
+        q_positions = torch.arange(first, span, device=q_idx.device)
         if span <= width and key_padding_mask is None and attention_mask is None:
             # Every visible key fits: the selection is the causal prefix, no scores needed.
-            chosen = visible
-        else:
-            if scores is None:
-                scores = scores_fn(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], q_start + start)
-            forced = forced_keys(visible, q_positions, _crop(key_padding_mask, span), sink_tokens, local_tokens)
-            chosen = _choose(scores, visible, forced, width)
-        out[:, start:stop] = _ascending_indices(chosen, width)
+            out[:, start:stop] = _ascending_indices(visible_keys(q_positions, span, None, batch), width)
+            continue
+        scores = scores_fn(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], first)
+        if plain:
+            _hide_invisible(scores, first, padding, rows_mask)
+            out[:, start:stop] = _topk_rows(scores, width)
+            continue
+        visible = visible_keys(q_positions, span, padding, batch, rows_mask)
+        forced = forced_keys(visible, q_positions, padding, sink_tokens, local_tokens)
+        out[:, start:stop] = _ascending_indices(_choose(scores, visible, forced, width), width)
     return out
 
 
 def _hide_invisible(
     scores: torch.Tensor, first_position: int, key_padding_mask: torch.Tensor | None, rows_mask: torch.Tensor | None
 ) -> None:
-    """Set scores [B, Tc, S'] of keys a row cannot see to -inf, in place, without building [B, Tc, S'] masks
-    for the causal part (query t sees keys up to first_position + t)."""
-    for row in range(scores.shape[1] - 1):
-        scores[:, row, first_position + row + 1 :] = float("-inf")
+    """Set the scores [B, Tc, S'] of keys a row cannot see to -inf, in place.
+
+    Row t sees keys up to first_position + t, and S' = first_position + Tc, so the causal limit only
+    touches the last Tc columns: an upper triangle, not a [Tc, S'] mask.
+    """
+    tile = scores.shape[1]
+    future = torch.ones(tile, tile, dtype=torch.bool, device=scores.device).triu_(diagonal=1)
+    scores[:, :, first_position:].masked_fill_(future, float("-inf"))
     if key_padding_mask is not None:
         scores.masked_fill_(~key_padding_mask.unsqueeze(1), float("-inf"))
     if rows_mask is not None:
         scores.masked_fill_(~rows_mask, float("-inf"))
 
 
-def _untied_topk(scores: torch.Tensor, width: int) -> torch.Tensor | None:
-    """Return ascending indices [B, Tc, width] straight from `topk` of masked scores, or None when the
-    general rule is needed.
+def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Return ascending indices [B, Tc, width] (-1 after the last) for scores [B, Tc, S'] whose invisible
+    keys are already -inf, without the [B, Tc, S'] masks and cumulative sums of `_choose`.
 
-    For a few queries (decode) this skips the [B, Tc, S] masks and cumulative sums of `_choose`. It
-    applies when every row has at least `width` visible keys and no score equal to the k-th largest is
-    left out (then `topk`'s set is the tie rule's set); otherwise the caller falls back to `_choose`.
+    Each row takes `topk`'s set, which is the tie rule's set unless a score equal to the row's k-th
+    largest is left out; only such rows go through `_choose`. A row with fewer than `width` visible
+    keys (its k-th largest is -inf) keeps all of them.
     """
-    values, indices = scores.topk(width, dim=-1, sorted=False)
+    span = scores.shape[-1]
+    count = min(width, span)
+    values, indices = scores.topk(count, dim=-1, sorted=False)
     kth = values.amin(dim=-1, keepdim=True)
-    if bool(torch.isneginf(kth).any()):
-        return None
-    if bool(((scores >= kth).sum(dim=-1) != width).any()):
-        return None
-    return indices.sort(dim=-1).values
-
-
+    empty = torch.isneginf(values)
+    if bool(empty.any()):
+        # Empty slots sort last as index S', then become -1.
+        indices = torch.where(empty, span, indices).sort(dim=-1).values
+        indices = indices.masked_fill_(indices == span, -1)
+    else:
+        # Every row holds `count` keys: listing a row mask's True positions orders them, faster than a sort.
+        chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, indices, True)
+        indices = chosen.nonzero()[:, -1].view(indices.shape)
+    tied = ((scores >= kth).sum(dim=-1, keepdim=True) != count) & ~torch.isneginf(kth)
+    tied = tied.squeeze(-1)
+    if bool(tied.any()):
+        rows = scores[tied].unsqueeze(0)  # [1, N, S']
+        chosen = _choose(rows, ~torch.isneginf(rows), None, count)
+        indices[tied] = _ascending_indices(chosen, count)[0]
+    return indices if count == width else torch.nn.functional.pad(indices, (0, width - count), value=-1)
 
 
 def _torch_scores(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first_position: int) -> torch.Tensor:
