@@ -1,4 +1,4 @@
-"""Time DSA's operators against dense attention on SmolLM2-135M layer shapes, fp32 on the CPU.
+"""Time DSA's operators against dense attention at SmolLM2-135M or Qwen3-4B layer shapes, fp32 on the CPU.
 
 The DSA path is `select_topk_torch` (lightning indexer scores and top-k selection, fused per chunk of
 queries) followed by `sparse_attention_torch`. The dense path is PyTorch's
@@ -60,13 +60,32 @@ QUICK_DECODE_CACHE_TOKENS: tuple[int, ...] = (8192, 16384)
 TIERS: tuple[str, ...] = ("prefill", "decode")
 PATHS: tuple[str, ...] = ("dense", "dsa")
 
-# SmolLM2-135M attention layer: 9 query heads, 3 key/value heads, head dim 64. The indexer sizes
-# (HI heads of DI dims) come from the DSA preset of the same name.
-MODEL_PRESET = "smollm2-135m"
 BATCH = 1
-QUERY_HEADS = 9
-KV_HEADS = 3
-HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One attention layer: H query heads, HKV key/value heads of dim D, and an indexer of HI heads of DI dims."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    indexer_heads: int
+    indexer_head_dim: int
+    indexer_source: str
+
+
+def _preset_shape(heads: int, kv_heads: int, head_dim: int, preset: str) -> LayerShape:
+    config = dsa.DSAConfig.preset(preset)
+    return LayerShape(heads, kv_heads, head_dim, config.indexer_heads, config.indexer_head_dim, f"preset {preset}")
+
+
+# SmolLM2-135M: the indexer of the DSA preset of the same name. Qwen3-4B (hidden 2560, 32 heads of 128,
+# 8 kv heads): the indexer `dsa.convert` sizes by default (HI = hidden / 128, DI = min(128, D)).
+SHAPES: dict[str, LayerShape] = {
+    "smollm2-135m": _preset_shape(9, 3, 64, "smollm2-135m"),
+    "qwen3-4b": LayerShape(32, 8, 128, 20, 128, "dsa.convert default for hidden 2560"),
+}
 DTYPE = torch.float32
 
 # Small shape of the pre-run checks against the slow references (select_topk_reference loops in Python).
@@ -106,6 +125,7 @@ class CaseSpec:
     chunk_size: int
     repeats: int
     seed: int
+    shape: str = "smollm2-135m"
 
     @property
     def queries(self) -> int:
@@ -198,25 +218,18 @@ def format_machine_info(machine: dict[str, Any]) -> str:
 # ---- inputs and the two timed paths ------------------------------------------------------------------
 
 
-def indexer_shape() -> tuple[int, int]:
-    """Return (HI, DI) of the model's DSA preset."""
-    config = dsa.DSAConfig.preset(MODEL_PRESET)
-    return config.indexer_heads, config.indexer_head_dim
-
-
-def make_inputs(queries: int, keys: int, generator: torch.Generator) -> CaseInputs:
-    indexer_heads, indexer_dim = indexer_shape()
+def make_inputs(shape: LayerShape, queries: int, keys: int, generator: torch.Generator) -> CaseInputs:
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator, dtype=DTYPE)
 
     return CaseInputs(
-        q=randn(BATCH, queries, QUERY_HEADS, HEAD_DIM),
-        k=randn(BATCH, KV_HEADS, keys, HEAD_DIM),
-        v=randn(BATCH, KV_HEADS, keys, HEAD_DIM),
-        q_idx=randn(BATCH, queries, indexer_heads, indexer_dim),
-        k_idx=randn(BATCH, keys, indexer_dim),
-        weights=randn(BATCH, queries, indexer_heads),
+        q=randn(BATCH, queries, shape.heads, shape.head_dim),
+        k=randn(BATCH, shape.kv_heads, keys, shape.head_dim),
+        v=randn(BATCH, shape.kv_heads, keys, shape.head_dim),
+        q_idx=randn(BATCH, queries, shape.indexer_heads, shape.indexer_head_dim),
+        k_idx=randn(BATCH, keys, shape.indexer_head_dim),
+        weights=randn(BATCH, queries, shape.indexer_heads),
     )
 
 
@@ -360,13 +373,13 @@ def check_dsa_case(
     return result
 
 
-def check_small_shapes(top_k: int, chunk_size: int, seed: int) -> list[dict[str, Any]]:
+def check_small_shapes(shape: LayerShape, top_k: int, chunk_size: int, seed: int) -> list[dict[str, Any]]:
     """Compare both paths with the references on small prefill and decode shapes, or raise CheckFailed."""
     top_k = min(top_k, SMALL_CHECK_TOP_K)
     generator = torch.Generator().manual_seed(seed)
     results = []
     for tier, queries in (("prefill", SMALL_CHECK_TOKENS), ("decode", 1)):
-        inputs = make_inputs(queries, SMALL_CHECK_TOKENS, generator)
+        inputs = make_inputs(shape, queries, SMALL_CHECK_TOKENS, generator)
         k_view, v_view = inputs.k.transpose(1, 2), inputs.v.transpose(1, 2)
         name = f"{tier} T={queries} S={SMALL_CHECK_TOKENS} top_k={top_k}"
 
@@ -428,7 +441,7 @@ def reset_peak_rss() -> bool:
 def run_case(spec: CaseSpec) -> dict[str, Any]:
     """Warm up, check, then time one case; return its times and resident-set growth."""
     generator = torch.Generator().manual_seed(spec.seed)
-    inputs = make_inputs(spec.queries, spec.tokens, generator)
+    inputs = make_inputs(SHAPES[spec.shape], spec.queries, spec.tokens, generator)
 
     # Warm-up call, whose output is checked before any call is timed.
     if spec.path == "dense":
@@ -668,7 +681,7 @@ def write_plots(results: dict[str, Any], output: Path) -> list[Path]:
             axis.set_title(tier)
             axis.grid(True, which="both", alpha=0.3)
             axis.legend()
-        figure.suptitle(f"SmolLM2-135M layer, fp32, top_k {results['settings']['top_k']}, {results['machine']['cpu_model']}")
+        figure.suptitle(f"{results['settings']['shape']} layer, fp32, top_k {results['settings']['top_k']}, {results['machine']['cpu_model']}")
         figure.tight_layout()
         path = output.with_name(f"{output.stem}-{suffix}.png")
         figure.savefig(path, dpi=120)
@@ -689,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
             "Time DSA (indexer scores + top-k selection + sparse attention) against dense SDPA on "
-            f"SmolLM2-135M layer shapes, fp32 on the CPU. Default sweep: prefill at T = "
+            f"one layer shape (--shape), fp32 on the CPU. Default sweep: prefill at T = "
             f"{', '.join(map(str, PREFILL_TOKENS))} tokens and a decode step against caches of "
             f"{', '.join(map(str, DECODE_CACHE_TOKENS))} tokens."
         )
@@ -699,6 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true",
         help=f"run the short sweep instead: prefill at {', '.join(map(str, QUICK_PREFILL_TOKENS))} tokens, "
         f"decode against caches of {', '.join(map(str, QUICK_DECODE_CACHE_TOKENS))} tokens",
+    )
+
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="smollm2-135m",
+        help="layer shape: smollm2-135m (H 9, HKV 3, D 64) or qwen3-4b (H 32, HKV 8, D 128) (default smollm2-135m)",
     )
 
     parser.add_argument(
@@ -740,15 +758,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument(
-        "--output", type=Path, default=Path("bench-results/ops.json"),
+        "--output", type=Path,
         help="JSON file for the raw results: every repeat, the settings and the machine "
-        "(path, default bench-results/ops.json)",
+        "(path, default bench-results/ops-SHAPE.json)",
     )
 
     parser.add_argument(
         "--plot", action="store_true",
         help="also write log-log plots of time and memory against tokens as PNG files next to --output "
-        "(ops-time.png and ops-memory.png for the default output); needs matplotlib",
+        "(ops-SHAPE-time.png and ops-SHAPE-memory.png for the default output); needs matplotlib",
     )
 
     # Internal: run one case in this process and print its result (how the parent starts each child).
@@ -764,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1.")
     if args.retries < 0 or args.idle_wait < 0:
         parser.error(f"--retries={args.retries} and --idle-wait={args.idle_wait} must not be negative.")
+    if args.output is None:
+        args.output = Path(f"bench-results/ops-{args.shape}.json")
     if args.case_timeout <= 0:
         parser.error(f"--case-timeout={args.case_timeout} is invalid; expected a positive number of seconds.")
     return args
@@ -781,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         return case_main(args.case)
 
     sizes = sweep_sizes(args.quick)
-    indexer_heads, indexer_dim = indexer_shape()
+    shape = SHAPES[args.shape]
     results: dict[str, Any] = {
         "command": [Path(sys.executable).name, *sys.argv],
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -789,8 +809,9 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": sizes, "top_k": args.top_k, "chunk_size": args.chunk_size, "repeats": args.repeats,
             "warmup_calls": 1, "seed": args.seed, "case_timeout_s": args.case_timeout,
             "idle_wait_s": args.idle_wait, "retries": args.retries, "contention_cores": CONTENTION_WARNING_CORES,
-            "batch": BATCH, "query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-            "indexer_heads": indexer_heads, "indexer_head_dim": indexer_dim, "model_preset": MODEL_PRESET,
+            "shape": args.shape, "batch": BATCH, "query_heads": shape.heads, "kv_heads": shape.kv_heads,
+            "head_dim": shape.head_dim, "indexer_heads": shape.indexer_heads,
+            "indexer_head_dim": shape.indexer_head_dim, "indexer_source": shape.indexer_source,
             "child_environment": CHILD_ENVIRONMENT,
         },
         "machine": collect_machine_info(),
@@ -798,16 +819,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(format_machine_info(results["machine"]))
     print(
-        f"shapes        B={BATCH} H={QUERY_HEADS} HKV={KV_HEADS} D={HEAD_DIM}, indexer HI={indexer_heads} "
-        f"DI={indexer_dim} ({MODEL_PRESET} preset), top_k={args.top_k}, chunk_size={args.chunk_size}, "
+        f"shapes        {args.shape}: B={BATCH} H={shape.heads} HKV={shape.kv_heads} D={shape.head_dim}, indexer "
+        f"HI={shape.indexer_heads} DI={shape.indexer_head_dim} ({shape.indexer_source}), top_k={args.top_k}, chunk_size={args.chunk_size}, "
         f"median of {args.repeats} after 1 warm-up"
     )
 
     try:
-        results["small_checks"] = check_small_shapes(args.top_k, args.chunk_size, args.seed)
+        results["small_checks"] = check_small_shapes(shape, args.top_k, args.chunk_size, args.seed)
         print(f"checks        both paths match the references at T={SMALL_CHECK_TOKENS} (prefill and decode)")
         specs = [
-            CaseSpec(tier, tokens, path, args.top_k, args.chunk_size, args.repeats, args.seed)
+            CaseSpec(tier, tokens, path, args.top_k, args.chunk_size, args.repeats, args.seed, args.shape)
             for tier in TIERS for tokens in sizes[tier] for path in PATHS
         ]
         progress = tqdm(specs, unit="case", file=sys.stderr)

@@ -26,3 +26,8 @@ def test_help_names_units():
     assert completed.returncode == 0
     assert "tokens" in completed.stdout
     assert "seconds" in completed.stdout
+
+
+def test_help_lists_shapes():
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert "qwen3-4b" in completed.stdout

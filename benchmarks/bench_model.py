@@ -1,0 +1,232 @@
+"""Time generation with a converted Hugging Face model against the same model with dense attention.
+
+The model is a Llama-architecture model with the layer widths of SmolLM2-135M or Qwen3-4B, a few
+layers (`--layers`) and random weights. The DSA copy is converted with `dsa.convert`, its indexer sized
+by the default rule and random too, because selection quality does not change the work. For each
+context length S it measures, in one process and one run:
+
+- decode: milliseconds per generated token (greedy, batch 1) after a context of S tokens, dense vs DSA.
+  The context is first run through the model once per path. The DSA path fills its cache in warm-up
+  mode (dense attention that also stores the indexer keys), because a sparse prefill of 32k tokens
+  takes minutes on a small CPU; the cache it leaves has the same shapes as a sparse prefill's, so the
+  decode steps do the same work;
+- prefill (`--prefill_tokens`, shorter lengths): seconds for a forward pass over T tokens, dense vs DSA
+  in sparse mode.
+
+Before timing, a correctness check runs: with top_k at least the context length, DSA's logits must
+equal the dense model's; at each timed length, every DSA decode step must have attended exactly
+top_k keys. A failed check exits with status 1 and times nothing.
+
+    python benchmarks/bench_model.py                         # SmolLM2 widths, 4 layers, S = 8k, 16k, 32k
+    python benchmarks/bench_model.py --shape qwen3-4b --layers 2 --contexts 8192 32768
+    python benchmarks/bench_model.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dsa  # noqa: E402
+from bench_ops import collect_machine_info, format_machine_info  # noqa: E402
+
+# Llama-architecture widths: hidden, intermediate, heads, kv heads, head dim, vocabulary.
+WIDTHS: dict[str, dict[str, int]] = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152},
+    "qwen3-4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
+}
+CONTEXTS: tuple[int, ...] = (8192, 16384, 32768)
+PREFILL_TOKENS: tuple[int, ...] = (4096, 8192)
+
+
+class CheckFailed(RuntimeError):
+    """DSA disagrees with dense attention where it must not, or attended the wrong number of keys."""
+
+
+def build_models(shape: str, layers: int, top_k: int, max_tokens: int, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Return (dense, dsa) copies of one random model; the DSA copy is converted in sparse mode."""
+    config = LlamaConfig(
+        **WIDTHS[shape], num_hidden_layers=layers, max_position_embeddings=max_tokens + 64,
+        rope_theta=100000.0, tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    dense = LlamaForCausalLM(config).eval()
+    sparse = copy.deepcopy(dense)
+    dsa_config = dsa.default_config(sparse)
+    dsa_config.top_k = top_k
+    dsa_config.validate()
+    dsa.convert(sparse, dsa_config, indexer_trained=True)
+    return dense, sparse
+
+
+@torch.no_grad()
+def fill_cache(model: torch.nn.Module, context: torch.Tensor, is_dsa: bool) -> tuple[DynamicCache, torch.Tensor]:
+    """Run the context through the model once; return the cache and the next token (greedy)."""
+    cache = DynamicCache(config=model.config)
+    if is_dsa:
+        dsa.set_mode(model, "warmup")
+    try:
+        logits = model(context, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    finally:
+        if is_dsa:
+            dsa.set_mode(model, "sparse")
+    return cache, logits[:, -1:].argmax(dim=-1)
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tensor, steps: int, is_dsa: bool, top_k: int) -> list[float]:
+    """Generate `steps` tokens greedily; return the milliseconds of each step. For DSA, check that each
+    step attended exactly top_k keys in every layer."""
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        logits = model(token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(dim=-1)
+        times.append((time.perf_counter() - started) * 1e3)
+        if is_dsa:
+            counts = {int(count.max()) for count in dsa.keys_per_query(model).values()}
+            if counts != {top_k}:
+                raise CheckFailed(f"a DSA decode step attended {sorted(counts)} keys per layer; expected exactly top_k={top_k}.")
+    return times
+
+
+@torch.no_grad()
+def check_short_context(dense: torch.nn.Module, sparse: torch.nn.Module, vocab: int, top_k: int) -> float:
+    """With a context shorter than top_k, DSA selects every key: its logits must equal the dense model's."""
+    ids = torch.randint(0, vocab, (1, min(top_k, 256)), generator=torch.Generator().manual_seed(0))
+    expected = dense(ids).logits
+    actual = sparse(ids).logits
+    difference = float((actual - expected).abs().max())
+    if not torch.allclose(actual, expected, atol=1e-4, rtol=1e-4):
+        raise CheckFailed(f"DSA logits differ from dense by {difference:.3g} on a context shorter than top_k.")
+    return difference
+
+
+@torch.no_grad()
+def time_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    started = time.perf_counter()
+    model(ids, logits_to_keep=1)
+    return time.perf_counter() - started
+
+
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    rows = results["decode"]
+    for key, label, marker in (("dense_ms_per_token", "dense (SDPA)", "o"), ("dsa_ms_per_token", "DSA", "s")):
+        axis.plot([row["context"] for row in rows], [row[key] for row in rows], marker=marker, label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("context tokens S")
+    axis.set_ylabel("ms per generated token (median)")
+    settings = results["settings"]
+    axis.set_title(f"{settings['shape']} widths, {settings['layers']} layers, top_k {settings['top_k']}, fp32")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time decoding (ms per token) and prefill (s) of a converted model against dense attention, fp32 on the CPU.",
+        epilog="dense/DSA ratios above 1 mean DSA is faster.",
+    )
+    parser.add_argument("--shape", choices=sorted(WIDTHS), default="smollm2-135m", help="layer widths (default smollm2-135m)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random model (count, default 4)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="context lengths S for decoding (tokens, default 8192 16384 32768)")
+    parser.add_argument("--prefill_tokens", type=int, nargs="*", default=list(PREFILL_TOKENS), help="prompt lengths T for the prefill timing (tokens, default 4096 8192; none to skip)")
+    parser.add_argument("--steps", type=int, default=16, help="tokens generated per context; the table shows the median step (count, default 16)")
+    parser.add_argument("--top_k", type=int, default=2048, help="keys each DSA query attends to (tokens, default 2048)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids (default 0)")
+    parser.add_argument("--output", type=Path, help="raw JSON output (default bench-results/model-SHAPE.json); a PNG plot is written next to it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("layers", "steps", "top_k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)} is invalid; expected an integer >= 1.")
+    if any(length <= args.top_k for length in args.contexts):
+        parser.error(f"--contexts {args.contexts}: every context must exceed --top_k={args.top_k}, or DSA attends every key.")
+    output = args.output or Path(f"bench-results/model-{args.shape}.json")
+    max_tokens = max([*args.contexts, *args.prefill_tokens]) + args.steps
+
+    dense, sparse = build_models(args.shape, args.layers, args.top_k, max_tokens, args.seed)
+    vocab = dense.config.vocab_size
+    results: dict[str, Any] = {
+        "command": [Path(sys.executable).name, *sys.argv],
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {**vars(args), "output": str(output), "dsa_config": sparse.dsa_runtime.config.to_dict(), "widths": WIDTHS[args.shape]},
+        "machine": collect_machine_info(),
+        "decode": [],
+        "prefill": [],
+    }
+    print(format_machine_info(results["machine"]))
+    try:
+        results["short_context_max_abs_difference"] = check_short_context(dense, sparse, vocab, args.top_k)
+        print("check         DSA logits equal dense logits on a context shorter than top_k")
+        generator = torch.Generator().manual_seed(args.seed)
+        for context in tqdm(args.contexts, desc="decode", unit="context", file=sys.stderr):
+            ids = torch.randint(0, vocab, (1, context), generator=generator)
+            row: dict[str, Any] = {"context": context}
+            for name, model, is_dsa in (("dense", dense, False), ("dsa", sparse, True)):
+                cache, token = fill_cache(model, ids, is_dsa)
+                times = decode(model, cache, token, args.steps, is_dsa, args.top_k)
+                row[f"{name}_step_ms"] = times
+                row[f"{name}_ms_per_token"] = statistics.median(times)
+                del cache
+            row["dense_over_dsa"] = row["dense_ms_per_token"] / row["dsa_ms_per_token"]
+            results["decode"].append(row)
+            tqdm.write(f"decode S={context}: dense {row['dense_ms_per_token']:.1f} ms/token, DSA {row['dsa_ms_per_token']:.1f} ms/token", file=sys.stderr)
+        for tokens in tqdm(args.prefill_tokens, desc="prefill", unit="length", file=sys.stderr):
+            ids = torch.randint(0, vocab, (1, tokens), generator=generator)
+            row = {"tokens": tokens, "dense_s": time_prefill(dense, ids), "dsa_s": time_prefill(sparse, ids)}
+            row["dense_over_dsa"] = row["dense_s"] / row["dsa_s"]
+            results["prefill"].append(row)
+    except CheckFailed as error:
+        print(f"error: correctness check failed, nothing more is timed: {error}", file=sys.stderr)
+        return 1
+
+    print(f"\n{'S':>8}{'dense ms/token':>16}{'DSA ms/token':>14}{'dense/DSA':>11}{'dense tok/s':>13}{'DSA tok/s':>11}")
+    for row in results["decode"]:
+        print(
+            f"{row['context']:>8}{row['dense_ms_per_token']:>16.1f}{row['dsa_ms_per_token']:>14.1f}{row['dense_over_dsa']:>11.2f}"
+            f"{1e3 / row['dense_ms_per_token']:>13.1f}{1e3 / row['dsa_ms_per_token']:>11.1f}"
+        )
+    if results["prefill"]:
+        print(f"\n{'T':>8}{'dense prefill s':>17}{'DSA prefill s':>15}{'dense/DSA':>11}")
+        for row in results["prefill"]:
+            print(f"{row['tokens']:>8}{row['dense_s']:>17.2f}{row['dsa_s']:>15.2f}{row['dense_over_dsa']:>11.2f}")
+    results["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot = output.with_suffix(".png")
+    write_plot(results, plot)
+    print(f"\nraw results   {output}\nplot          {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

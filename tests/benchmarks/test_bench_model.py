@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_model_benchmark_writes_results_and_plot(tmp_path):
+    output = tmp_path / "model.json"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_model.py"), "--layers", "1", "--contexts", "200", "--prefill_tokens", "96",
+         "--steps", "2", "--top_k", "32", "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(output.read_text())
+    (decode,) = results["decode"]
+    assert decode["context"] == 200
+    assert len(decode["dsa_step_ms"]) == 2
+    assert results["prefill"][0]["tokens"] == 96
+    assert output.with_suffix(".png").exists()
+
+
+def test_model_benchmark_rejects_context_within_top_k():
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_model.py"), "--contexts", "100", "--top_k", "128"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "must exceed --top_k=128" in completed.stderr
+
+
+def test_training_benchmark_reports_slope(tmp_path):
+    output = tmp_path / "training.json"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_training.py"), "--tokens", "256", "512", "--output", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert [case["path"] for case in results["cases"]] == ["dense", "warmup", "dense", "warmup"]
+    assert results["warmup_slope_mib_per_1k_tokens"] is not None
