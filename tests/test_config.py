@@ -23,7 +23,7 @@ def test_presets_round_trip(name):
 
 def test_preset_values():
     smol = DSAConfig.preset("smollm2-135m")
-    assert (smol.indexer_heads, smol.indexer_head_dim, smol.rope_dim) == (4, 64, 32)
+    assert (smol.indexer_heads, smol.indexer_head_dim, smol.rope_dim) == (4, 32, 16)
     deepseek = DSAConfig.preset("deepseek-v3.2")
     assert (deepseek.indexer_heads, deepseek.indexer_head_dim, deepseek.rope_dim, deepseek.top_k) == (64, 128, 64, 2048)
     assert DSAConfig.preset("smollm2-135m", top_k=128).top_k == 128
