@@ -10,8 +10,8 @@ def test_output_shapes_and_dtypes():
     indexer = LightningIndexer(576, config)
     hidden = torch.randn(2, 7, 576)
     q_idx, k_idx, weights = indexer(hidden, torch.arange(7).expand(2, 7))
-    assert q_idx.shape == (2, 7, 4, 64)
-    assert k_idx.shape == (2, 7, 64)
+    assert q_idx.shape == (2, 7, 4, 32)
+    assert k_idx.shape == (2, 7, 32)
     assert weights.shape == (2, 7, 4)
     assert weights.dtype == torch.float32
 
