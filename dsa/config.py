@@ -74,6 +74,10 @@ class DSAConfig:
     local_tokens: int = 0
     """Always select the last n visible tokens before each query, itself included; 0 turns it off."""
 
+    dense_layers: list[int] = field(default_factory=list)
+    """Indices of layers that keep dense attention: they run no selection and get no indexer loss, and
+    their indexer weights stay unused. For layers whose attention is too diffuse for top-k (often layer 0)."""
+
     backend: Backend = "auto"
     """Operator implementation: "torch" (chunked PyTorch), "reference" (readable, slow), "triton"
     (GPU kernels), or "auto" (Triton on a supported GPU, else torch)."""
@@ -121,6 +125,15 @@ class DSAConfig:
             self.sink_tokens,
             f"sink_tokens + local_tokens must not exceed top_k={self.top_k}",
         )
+        _require(
+            isinstance(self.dense_layers, (list, tuple))
+            and all(_is_int(layer) and layer >= 0 for layer in self.dense_layers)
+            and len(set(self.dense_layers)) == len(self.dense_layers),
+            "dense_layers",
+            self.dense_layers,
+            "expected a list of distinct layer indices >= 0",
+        )
+        self.dense_layers = sorted(self.dense_layers)
         _require(self.backend in BACKENDS, "backend", self.backend, f"expected one of {BACKENDS}")
         _require(
             self.rope_theta is None or (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0),

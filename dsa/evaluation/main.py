@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows", type=int, default=2, help="Windows of each length averaged for perplexity and recall.")
     parser.add_argument("--passkey_trials", type=int, default=20, help="Passkey trials per length for dense and for DSA; 0 skips the passkey test.")
     parser.add_argument("--passkey_top_k", type=int, help="top_k of the DSA passkey runs (keys per query); default: the adapter's top_k.")
+    parser.add_argument(
+        "--dense_layers", type=int, nargs="*",
+        help="Layer indices that keep dense attention for oracle and DSA (default: the adapter's dense_layers).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the passkey values and positions.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing results.json in --output_dir.")
     return parser
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if not data.is_file():
         raise FileNotFoundError(f"evaluation text not found: {data}.")
     model, tokenizer = load_converted_model(args.model_name_or_path, args.indexer_path)
+    if args.dense_layers is not None:
+        dsa.update_config(model, dense_layers=args.dense_layers)
     settings = EvalSettings(context_lengths=args.context_lengths, top_ks=args.top_k, windows=args.windows,
                             passkey_trials=args.passkey_trials, passkey_top_k=args.passkey_top_k, seed=args.seed)
     results = evaluate(model, tokenizer, data.read_text(encoding="utf-8"), settings)

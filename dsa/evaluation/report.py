@@ -28,10 +28,18 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
                   f"torch {machine.get('torch')}, dtype {machine.get('dtype')}.", ""]
     if command:
         lines += ["Command:", "", "```bash", command, "```", ""]
+    dense_layers = results.get("dsa_config", {}).get("dense_layers") or []
     lines += [
         "Perplexity excess is relative to dense at the same length; recall is the mean share of the dense",
         "attention mass (averaged over heads and layers) that the selected keys cover.",
         "",
+    ]
+    if dense_layers:
+        lines += [
+            f"Layers {dense_layers} keep dense attention for oracle and DSA alike; recall is averaged over the other layers.",
+            "",
+        ]
+    lines += [
         "| length | top_k | dense ppl | oracle ppl | DSA ppl | oracle excess | DSA excess | oracle recall | DSA recall | DSA / oracle recall | worst-layer DSA recall |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

@@ -30,6 +30,10 @@ class ModelArguments:
     rope_dim: int | None = field(default=None, metadata={"help": "Leading dims of each indexer head that get RoPE (even, <= DI)."})
     top_k: int | None = field(default=None, metadata={"help": "Keys each query attends to in sparse mode (tokens)."})
     q_lora_rank: int | None = field(default=None, metadata={"help": "Rank of a low-rank indexer query; unset projects from the hidden state."})
+    dense_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Layer indices that keep dense attention (no selection, no indexer loss), e.g. 0 for a diffuse first layer."},
+    )
     allow_untested: bool = field(default=False, metadata={"help": "Convert a model type that is not in dsa's tested list."})
 
 

@@ -24,6 +24,7 @@ from dsa.training.trainer import ADAPTER_FOLDER, AdapterCheckpointCallback, DSAT
 logger = logging.getLogger("dsa.train")
 
 SHAPE_OPTIONS = ("indexer_heads", "indexer_head_dim", "rope_dim", "q_lora_rank")
+RUN_OPTIONS = ("top_k", "dense_layers")
 
 
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, DSATrainingArguments]:
@@ -38,7 +39,7 @@ def _resolve_model_path(name_or_path: str) -> str:
 def _dsa_config(model_args: ModelArguments, model: torch.nn.Module) -> DSAConfig:
     """Start from the preset or the model-sized default, then apply the command-line overrides."""
     base = DSAConfig.preset(model_args.dsa_preset) if model_args.dsa_preset else dsa.default_config(model)
-    overrides = {name: getattr(model_args, name) for name in (*SHAPE_OPTIONS, "top_k") if getattr(model_args, name) is not None}
+    overrides = {name: getattr(model_args, name) for name in (*SHAPE_OPTIONS, *RUN_OPTIONS) if getattr(model_args, name) is not None}
     return dataclasses.replace(base, **overrides)
 
 
@@ -49,8 +50,9 @@ def attach_indexer(model: torch.nn.Module, model_args: ModelArguments) -> None:
         shape_overrides = [name for name in SHAPE_OPTIONS if getattr(model_args, name) is not None]
         if shape_overrides:
             raise ValueError(f"--indexer_path fixes the indexer shape; drop the options {shape_overrides}.")
-        if model_args.top_k is not None:
-            dsa.update_config(model, top_k=model_args.top_k)
+        run_overrides = {name: getattr(model_args, name) for name in RUN_OPTIONS if getattr(model_args, name) is not None}
+        if run_overrides:
+            dsa.update_config(model, **run_overrides)
         return
     dsa.convert(model, _dsa_config(model_args, model), allow_untested=model_args.allow_untested)
 

@@ -64,3 +64,17 @@ def test_cli_writes_json_report_and_plots(tiny_checkpoint, text_file, tmp_path):
 def test_cli_requires_indexer_for_plain_model(tiny_checkpoint, text_file, tmp_path):
     with pytest.raises(ValueError, match="pass --indexer_path"):
         eval_main(["--model_name_or_path", str(tiny_checkpoint), "--data", str(text_file), "--output_dir", str(tmp_path)])
+
+
+def test_cli_dense_layers_reach_report(tiny_checkpoint, text_file, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=16))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    output = tmp_path / "eval"
+    assert eval_main(["--model_name_or_path", str(tiny_checkpoint), "--indexer_path", str(tmp_path / "adapter"),
+                      "--data", str(text_file), "--output_dir", str(output), "--context_lengths", "64", "--top_k", "8",
+                      "--windows", "1", "--passkey_trials", "0", "--dense_layers", "0"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["dsa_config"]["dense_layers"] == [0]
+    assert list(results["lengths"]["64"]["top_k=8"]["dsa"]["recall_per_layer"]) == ["1"]
+    assert "Layers [0] keep dense attention" in (output / "report.md").read_text()

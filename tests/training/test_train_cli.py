@@ -160,3 +160,11 @@ def test_fsdp_on_cpu_rejected_not_silently_ddp(tiny_checkpoint, text_file, tmp_p
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode != 0
     assert "FSDP through Trainer needs GPUs" in completed.stderr
+
+
+def test_dense_layers_option_reaches_adapter(tiny_checkpoint, text_file, tmp_path):
+    output = tmp_path / "warmup"
+    train_main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
+                "--output_dir", str(output), "--max_steps", "2", "--save_steps", "2", "--dense_layers", "0", *COMMON])
+    config = json.loads((output / "adapter" / "dsa_adapter.json").read_text())
+    assert config["dsa_config"]["dense_layers"] == [0]

@@ -79,7 +79,7 @@ def indexer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Run the layer's indexer on the attention block's normalised hidden state (see module docstring)."""
     state: LayerState = module.dsa_state
     state.indexer_inputs = None
-    if state.runtime.mode == "dense":
+    if state.runtime.mode == "dense" or state.layer_idx in state.runtime.config.dense_layers:
         return
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -161,6 +161,9 @@ def dsa_attention_forward(
     Returns (out [B, T, H, D], None), the convention of transformers' attention functions."""
     state: LayerState | None = getattr(module, "dsa_state", None)
     if state is None or state.runtime.mode == "dense":
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    if state.layer_idx in state.runtime.config.dense_layers:
+        state.keys_per_query = state.recall = None
         return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if state.indexer_inputs is None:
         raise RuntimeError(

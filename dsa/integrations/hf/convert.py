@@ -23,7 +23,18 @@ logger = logging.getLogger(__name__)
 # Fields that change how DSA runs but not the shape of the indexer weights.
 RUNTIME_FIELDS: tuple[str, ...] = (
     "top_k", "tie_rule", "query_chunk_size", "loss_chunk_elements", "sink_tokens", "local_tokens", "backend",
+    "dense_layers",
 )
+
+
+def _check_dense_layers(config: DSAConfig, runtime: DSARuntime) -> None:
+    converted = sorted(state.layer_idx for state in runtime.layers)
+    unknown = sorted(set(config.dense_layers) - set(converted))
+    if unknown:
+        raise ValueError(
+            f"dense_layers={config.dense_layers} names layers {unknown} that have no DSA indexer; "
+            f"converted layers: {converted}."
+        )
 
 
 def default_config(model: nn.Module) -> DSAConfig:
@@ -96,6 +107,7 @@ def convert(
         runtime.layers.append(module.dsa_state)
         module.register_forward_pre_hook(attention.indexer_pre_hook, with_kwargs=True)
 
+    _check_dense_layers(config, runtime)
     model.dsa_runtime = runtime
     model.config.dsa_config = config.to_dict()
     model.set_attn_implementation(attention.ATTENTION_NAME)
@@ -139,6 +151,7 @@ def update_config(model: nn.Module, **changes: Any) -> DSAConfig:
     if fixed:
         raise ValueError(f"fields {fixed} size the indexer weights and cannot change after convert(); run-time fields: {list(RUNTIME_FIELDS)}.")
     config = dataclasses.replace(runtime.config, **changes)
+    _check_dense_layers(config, runtime)
     runtime.config = config
     runtime.backend = resolve_backend(config.backend, next(model.parameters()).device)
     model.config.dsa_config = config.to_dict()
