@@ -720,6 +720,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument(
+        "--tiers", nargs="+", choices=TIERS, default=list(TIERS),
+        help="tiers to run (default: prefill decode)",
+    )
+
+    parser.add_argument(
+        "--prefill-tokens", type=int, nargs="+",
+        help="prefill lengths T = S to run instead of the sweep's (tokens)",
+    )
+
+    parser.add_argument(
+        "--decode-tokens", type=int, nargs="+",
+        help="decode cache lengths S to run instead of the sweep's (tokens)",
+    )
+
+    parser.add_argument(
         "--repeats", type=int, default=3,
         help="timed calls per case after one untimed warm-up; the table shows their median (count, default 3)",
     )
@@ -801,6 +816,10 @@ def main(argv: list[str] | None = None) -> int:
         return case_main(args.case)
 
     sizes = sweep_sizes(args.quick)
+    if args.prefill_tokens:
+        sizes["prefill"] = tuple(args.prefill_tokens)
+    if args.decode_tokens:
+        sizes["decode"] = tuple(args.decode_tokens)
     shape = SHAPES[args.shape]
     results: dict[str, Any] = {
         "command": [Path(sys.executable).name, *sys.argv],
@@ -829,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checks        both paths match the references at T={SMALL_CHECK_TOKENS} (prefill and decode)")
         specs = [
             CaseSpec(tier, tokens, path, args.top_k, args.chunk_size, args.repeats, args.seed, args.shape)
-            for tier in TIERS for tokens in sizes[tier] for path in PATHS
+            for tier in args.tiers for tokens in sizes[tier] for path in PATHS
         ]
         progress = tqdm(specs, unit="case", file=sys.stderr)
         for spec in progress:
@@ -849,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print()
-    for tier in TIERS:
+    for tier in args.tiers:
         print(format_table(tier, sizes[tier], results["cases"]))
         print()
     print(

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run every CPU benchmark tier in one go and write raw JSON and PNG plots to $OUT (default bench-results/).
+# Run it on an idle machine: each script flags cases during which other processes used the CPU.
+# About 15 to 20 minutes on 2 cores. docs/benchmarks.md records a run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-results}
+PYTHON=${PYTHON:-python}
+
+# Operators, one attention layer: prefill (one timed call after a warm-up) and decode (median of 3).
+"$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers prefill --prefill-tokens 4096 8192 16384 32768 \
+    --repeats 1 --plot --output "$OUT/ops-smollm2-135m-prefill.json"
+"$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers decode --plot --output "$OUT/ops-smollm2-135m-decode.json"
+"$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers prefill --prefill-tokens 4096 8192 \
+    --repeats 1 --plot --output "$OUT/ops-qwen3-4b-prefill.json"
+"$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers decode --plot --output "$OUT/ops-qwen3-4b-decode.json"
+
+# A converted model: ms per generated token after 8k to 32k tokens of context, and prefill.
+"$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 4 --output "$OUT/model-smollm2-135m.json"
+
+# Training: peak memory of the warm-up loss against one dense forward, 2k to 16k tokens.
+"$PYTHON" benchmarks/bench_training.py --shape smollm2-135m --output "$OUT/training-smollm2-135m.json"
