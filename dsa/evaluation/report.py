@@ -56,7 +56,39 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
         lines += ["", f"Passkey retrieval ({results['settings']['passkey_trials']} trials per length):", "",
                   "| length | top_k | dense accuracy | DSA accuracy |", "| ---: | ---: | ---: | ---: |"]
         lines += [f"| {length} | {p['top_k']} | {p['dense']:.2f} | {p['dsa']:.2f} |" for length, p in passkeys]
+    lines += ["", *quality_checks(results)]
     return "\n".join(lines) + "\n"
+
+
+def quality_checks(results: dict[str, Any]) -> list[str]:
+    """Return markdown lines checking DSA against the oracle at every measured (length, top_k).
+
+    The criteria: DSA recall at least 95% of the oracle's; DSA perplexity excess at most 1.5 times the
+    oracle's; pass-key accuracy equal to dense.
+    """
+    lines = [
+        "Quality checks against the oracle (recall at least 95% of the oracle's; perplexity excess at most",
+        "1.5 times the oracle's; pass-key accuracy equal to dense):",
+        "",
+        "| length | top_k | DSA / oracle recall | recall check | DSA excess / oracle excess | perplexity check |",
+        "| ---: | ---: | ---: | :---: | ---: | :---: |",
+    ]
+    for length, top_k, dense, oracle, ours in _rows(results):
+        recall_ratio = ours["recall_mean"] / oracle["recall_mean"]
+        oracle_excess = oracle["perplexity"] / dense["perplexity"] - 1
+        ours_excess = ours["perplexity"] / dense["perplexity"] - 1
+        excess_ratio = ours_excess / oracle_excess if oracle_excess > 0 else float("inf")
+        excess_ok = ours_excess <= 1.5 * max(oracle_excess, 0.0)
+        lines.append(
+            f"| {length} | {top_k} | {recall_ratio:.3f} | {'met' if recall_ratio >= 0.95 else 'missed'} | "
+            f"{excess_ratio:.1f} | {'met' if excess_ok else 'missed'} |"
+        )
+    for length, entry in sorted(results["lengths"].items(), key=lambda item: int(item[0])):
+        if "passkey" in entry:
+            passkey = entry["passkey"]
+            verdict = "met" if passkey["dsa"] >= passkey["dense"] else "missed"
+            lines.append(f"\nPass key at {length}: DSA {passkey['dsa']:.2f} against dense {passkey['dense']:.2f}, {verdict}.")
+    return lines
 
 
 def _plot(results: dict[str, Any], folder: Path) -> list[Path]:

@@ -78,3 +78,22 @@ def test_cli_dense_layers_reach_report(tiny_checkpoint, text_file, tmp_path):
     assert results["dsa_config"]["dense_layers"] == [0]
     assert list(results["lengths"]["64"]["top_k=8"]["dsa"]["recall_per_layer"]) == ["1"]
     assert "Layers [0] keep dense attention" in (output / "report.md").read_text()
+
+
+def test_quality_checks_judge_against_oracle():
+    from dsa.evaluation.report import quality_checks
+
+    def kind(perplexity, recall):
+        return {"perplexity": perplexity, "recall_mean": recall, "recall_per_layer": {"0": recall}}
+
+    results = {"lengths": {
+        "1024": {"dense": {"perplexity": 10.0}, "top_k=64": {"oracle": kind(10.2, 0.90), "dsa": kind(10.25, 0.88)},
+                 "passkey": {"top_k": 64, "dense": 1.0, "dsa": 1.0}},
+        "2048": {"dense": {"perplexity": 10.0}, "top_k=64": {"oracle": kind(10.2, 0.90), "dsa": kind(11.0, 0.80)},
+                 "passkey": {"top_k": 64, "dense": 1.0, "dsa": 0.5}},
+    }}
+    text = "\n".join(quality_checks(results))
+    assert "| 1024 | 64 | 0.978 | met | 1.2 | met |" in text
+    assert "| 2048 | 64 | 0.889 | missed | 5.0 | missed |" in text
+    assert "Pass key at 1024: DSA 1.00 against dense 1.00, met." in text
+    assert "Pass key at 2048: DSA 0.50 against dense 1.00, missed." in text
