@@ -24,7 +24,7 @@ import dsa
 from dsa.evaluation.passkey import build_passkey_prompt
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ADAPTER = ROOT / "adapters" / "smollm2-135m-warmup"
+DEFAULT_ADAPTER = ROOT / "adapters" / "smollm2-135m"
 DEFAULT_TEXT = ROOT / "examples" / "data" / "poe_excerpt.txt"
 
 logger = logging.getLogger("demo")

@@ -206,3 +206,13 @@ def test_converted_model_matches_torch_backend():
     assert_close("logits", actual, expected, atol=1e-4, rtol=1e-4)
     # Decode steps go through the split-K kernel; greedy tokens must not change.
     assert torch.equal(actual_tokens, expected_tokens)
+
+
+def test_index_scores_with_fp32_key_cache():
+    # In a bf16 model the indexer's keys leave a fp32 LayerNorm while its queries stay bf16.
+    generator = torch.Generator().manual_seed(8)
+    q_idx = _randn(1, 9, 4, 32, generator=generator, dtype=torch.bfloat16)
+    k_idx = _randn(1, 40, 32, generator=generator)
+    weights = _randn(1, 9, 4, generator=generator, dtype=torch.bfloat16)
+    expected = index_scores_reference(q_idx, k_idx, weights)
+    assert_close("scores", index_scores_triton(q_idx, k_idx, weights), expected, atol=1e-4, rtol=1e-4)

@@ -60,6 +60,7 @@ def _index_scores_kernel(
     CAUSAL: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr,
     UPCAST: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     key_block = tl.program_id(0)
     query_block = tl.program_id(1)
@@ -87,6 +88,9 @@ def _index_scores_kernel(
             mask=key_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
+        if MIXED:
+            # tl.dot needs one operand dtype: the model's q_idx (bf16, say) meets the fp32 key cache.
+            k_tile = k_tile.to(tl.float32)
         acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
         for head in tl.static_range(HI):
             q_head = tl.load(
@@ -94,6 +98,8 @@ def _index_scores_kernel(
                 mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
+            if MIXED:
+                q_head = q_head.to(tl.float32)
             # [BLOCK_T, DI] @ [DI, BLOCK_S] -> [BLOCK_T, BLOCK_S]
             logits = _mm(q_head, tl.trans(k_tile), UPCAST)
             weight = tl.load(w_ptr + batch * stride_wb + offs_t * stride_wt + head * stride_wh, mask=row_ok, other=0.0)
@@ -165,7 +171,8 @@ def index_scores_triton(
         BLOCK_S=BLOCK_S,
         CAUSAL=q_start is not None,
         HAS_KEY_VALID=key_padding_mask is not None,
-        UPCAST=needs_upcast(q_idx.dtype),
+        UPCAST=needs_upcast(q_idx.dtype) and q_idx.dtype == k_idx.dtype,
+        MIXED=q_idx.dtype != k_idx.dtype,
     )
     return out
 
