@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from dsa._files import set_default_mode
 from dsa.integrations.hf.convert import get_runtime
 from dsa.integrations.hf.serialization import indexer_state_dict, save_indexer
 
@@ -167,6 +168,7 @@ def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike[str
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{ADAPTER_FOLDER}."))
     try:
         save_indexer(model, staging, overwrite=True, tensors=tensors)
+        set_default_mode(staging)
         if final.exists():
             previous = final.with_name(f".{ADAPTER_FOLDER}.previous")
             shutil.rmtree(previous, ignore_errors=True)

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -121,3 +123,16 @@ def test_adapter_saved_in_bfloat16_loads_into_fp32_model(tmp_path):
     for saved, loaded in zip(dsa.indexer_parameters(model), dsa.indexer_parameters(fresh)):
         assert loaded.dtype == torch.float32
         assert torch.equal(loaded, saved.to(torch.bfloat16).float())
+
+
+def test_saved_files_follow_umask(tmp_path):
+    # Temporary files are created owner-only; the renamed adapter must get the usual 0644 under umask 022.
+    model = tiny_model("llama")
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=16), indexer_trained=True)
+    previous = os.umask(0o022)
+    try:
+        folder = dsa.save_indexer(model, tmp_path / "adapter")
+    finally:
+        os.umask(previous)
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

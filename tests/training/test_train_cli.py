@@ -164,7 +164,13 @@ def test_fsdp_on_cpu_rejected_not_silently_ddp(tiny_checkpoint, text_file, tmp_p
 
 def test_dense_layers_option_reaches_adapter(tiny_checkpoint, text_file, tmp_path):
     output = tmp_path / "warmup"
-    train_main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
-                "--output_dir", str(output), "--max_steps", "2", "--save_steps", "2", "--dense_layers", "0", *COMMON])
+    previous = os.umask(0o022)
+    try:
+        train_main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
+                    "--output_dir", str(output), "--max_steps", "2", "--save_steps", "2", "--dense_layers", "0", *COMMON])
+    finally:
+        os.umask(previous)
     config = json.loads((output / "adapter" / "dsa_adapter.json").read_text())
     assert config["dsa_config"]["dense_layers"] == [0]
+    # The adapter folder is staged with mkdtemp (mode 0700); it must end up readable like any folder.
+    assert (output / "adapter").stat().st_mode & 0o777 == 0o755

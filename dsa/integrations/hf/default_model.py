@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dsa._files import set_default_mode
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -64,6 +66,7 @@ def _convert_gguf(destination: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         (partial / _COMPLETE_MARKER).write_text(f"{source.name}\n")
+        set_default_mode(partial)
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(partial, destination)

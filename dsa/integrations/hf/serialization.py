@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsa.config import DSAConfig
+from dsa._files import set_default_mode
 from dsa.integrations.hf.convert import RUNTIME_FIELDS, convert, get_runtime, is_converted
 from dsa.integrations.hf.support import find_attention_layers
 
@@ -86,6 +87,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        set_default_mode(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
