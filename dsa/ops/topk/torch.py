@@ -1,8 +1,10 @@
 """Chunked PyTorch top-k selection, equal to `select_topk_reference` (same sets, same order).
 
 Scores exist for one chunk of queries at a time ([B, Tc, S] fp32), so the full [T, S] matrix is never
-held. Ties at the boundary follow the reference's rule without sorting each row: take every score above
-the k-th largest value, then the lowest-index keys equal to it until the row has k keys.
+held. Each row takes `torch.topk`'s set when no score equal to its k-th largest is left out. Rows with
+a tie across the boundary (and every row when sinks or a local window force keys) follow the
+reference's rule without sorting: every score above the k-th largest value, then the lowest-index keys
+equal to it until the row has k keys.
 """
 
 from __future__ import annotations
