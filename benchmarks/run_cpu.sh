@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every CPU benchmark tier in one go and write raw JSON and PNG plots to $OUT (default bench-results/).
-# Run it on an idle machine: each script flags cases during which other processes used the CPU.
+# Run it on an idle machine: bench_ops.py flags cases during which other processes used the CPU, the
+# other scripts do not check.
 # About 15 to 20 minutes on 2 cores. docs/benchmarks.md records a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
