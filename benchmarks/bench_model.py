@@ -81,7 +81,7 @@ def fill_cache(model: torch.nn.Module, context: torch.Tensor, is_dsa: bool) -> t
     if is_dsa:
         dsa.set_mode(model, "warmup")
     try:
-        logits = model(context, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(context, cache=cache, use_cache=True, logits_to_keep=1).logits
     finally:
         if is_dsa:
             dsa.set_mode(model, "sparse")
@@ -95,7 +95,7 @@ def decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tensor, ste
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, cache=cache, use_cache=True).logits
         token = logits[:, -1:].argmax(dim=-1)
         times.append((time.perf_counter() - started) * 1e3)
         if is_dsa:
