@@ -8,8 +8,8 @@ context length S it measures, in one process and one run:
 - decode: milliseconds per generated token (greedy, batch 1) after a context of S tokens, dense vs DSA.
   The context is first run through the model once per path. The DSA path fills its cache in warm-up
   mode (dense attention that also stores the indexer keys), because a sparse prefill of 32k tokens
-  takes minutes on a small CPU; the cache it leaves has the same shapes as a sparse prefill's, so the
-  decode steps do the same work;
+  takes minutes on a small CPU. That cache has the same shapes as a sparse prefill's, so the decode
+  steps do the same work;
 - prefill (`--prefill_tokens`, shorter lengths): seconds for a forward pass over T tokens, dense vs DSA
   in sparse mode.
 

@@ -6,9 +6,10 @@ For each layer shape and context length T it builds random bf16 inputs and causa
 1. checks correctness before timing anything: the kernels' forward and backward at a small size
    against the PyTorch operator in fp32, and at every timed size the forward output of sampled
    queries. A failed check stops the run with exit status 1 and times nothing;
-2. times sparse attention forward and forward + backward (`sparse_attention_triton`), the split-K
-   decode step for one query against a cache of T tokens, the indexer score kernel for the last
-   `--indexer_queries` queries against all T keys, and SDPA forward and forward + backward;
+2. times sparse attention forward and forward + backward (`sparse_attention_triton`) against SDPA
+   forward and forward + backward. It also times the split-K decode step for one query against a
+   cache of T tokens, and the indexer score kernel for the last `--indexer_queries` queries against
+   all T keys;
 3. prints a markdown table (milliseconds, TFLOP/s, GB/s, dense / sparse time ratios) and writes raw
    JSON with the GPU model and versions.
 

@@ -1,4 +1,4 @@
-"""Where the Triton kernels can run, and the errors that say so when they cannot.
+"""Checks of where the Triton kernels can run, and the errors raised where they cannot.
 
 Triton compiles for CUDA (and ROCm) GPUs. With the environment variable TRITON_INTERPRET=1 set before
 Triton is imported, every kernel instead runs in Triton's NumPy interpreter on CPU tensors: slow, but

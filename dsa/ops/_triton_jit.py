@@ -13,9 +13,9 @@ from dsa.ops._triton import interpreter_enabled
 def _mm(a, b, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation and IEEE fp32 products (no TF32).
 
-    With UPCAST the operands are widened to fp32 first: Triton's interpreter multiplies bf16 tiles
-    wrongly (it reads their bits as integers), and widening a bf16 value to fp32 is exact, so the
-    result equals a bf16 tensor-core product with fp32 accumulation.
+    With UPCAST the operands are widened to fp32 first, because Triton's interpreter multiplies bf16
+    tiles wrongly (it reads their bits as integers). Widening bf16 to fp32 is exact, so the result
+    equals a bf16 tensor-core product with fp32 accumulation.
     """
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)

@@ -59,7 +59,7 @@ _logged_auto_choices: set[tuple[str, str]] = set()
 
 
 def _triton_backend() -> Backend:
-    """The Triton kernels for scores, selection and sparse attention; the losses and recall stay in PyTorch."""
+    """Return the Triton kernels for scores, selection and sparse attention, with the losses and recall in PyTorch."""
     from dsa.ops.indexer.triton import index_scores_chunk_triton, index_scores_triton
     from dsa.ops.sparse_attention.triton import sparse_attention_triton
 

@@ -25,7 +25,9 @@ def test_smoke_run_checks_then_writes_results(tmp_path, capsys):
     results = json.loads(output.read_text())
     assert set(results["checks"]["smollm2-135m"]) == {"out", "dq", "dk", "dv"}
     (record,) = results["records"]
-    assert record["tokens"] == 20 and record["sparse_fwd_ms"] > 0 and record["dense_fwd_ms"] > 0
+    assert record["tokens"] == 20
+    assert record["sparse_fwd_ms"] > 0
+    assert record["dense_fwd_ms"] > 0
     assert "fwd ratio" in markdown.read_text()
     assert "match PyTorch" in capsys.readouterr().out
 
@@ -56,5 +58,7 @@ def test_causal_indices_are_distinct_and_visible():
     for t in range(50):
         row = indices[0, t]
         valid = row[row >= 0]
-        assert len(valid) == min(t + 1, 8) and len(set(valid.tolist())) == len(valid)
-        assert int(valid.max()) <= t and (row[len(valid):] == -1).all()
+        assert len(valid) == min(t + 1, 8)
+        assert len(set(valid.tolist())) == len(valid)
+        assert int(valid.max()) <= t
+        assert (row[len(valid):] == -1).all()

@@ -24,8 +24,8 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
     head_weights = (weights.float() * scale).unsqueeze(-1)  # [B, Tc, HI, 1]
     keys_major = k_idx_t.transpose(1, 2)
     if queries * heads <= FEW_QUERY_HEADS and keys_major.is_contiguous():
-        # Decode: keys-major [S, DI] @ [DI, Tc * HI] per batch row reads the key cache row by row, a
-        # matrix-vector product; the transposed product below would stride through it.
+        # Decode: keys-major [S, DI] @ [DI, Tc * HI] per batch row reads the key cache row by row, as a
+        # matrix-vector product. The transposed product below would stride through it.
         q_rows = q_idx.float().reshape(batch, queries * heads, head_dim)
         rows = [torch.nn.functional.linear(keys_major[b], q_rows[b]) for b in range(batch)]
         logits = (rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows)).relu_()

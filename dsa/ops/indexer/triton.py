@@ -180,9 +180,9 @@ def index_scores_triton(
 def index_scores_chunk_triton(
     q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first_position: int
 ) -> torch.Tensor:
-    """Scores [B, Tc, S] for one chunk of queries, for `select_topk_torch(scores_fn=...)`.
+    """Return scores [B, Tc, S] for one chunk of queries, for `select_topk_torch(scores_fn=...)`.
 
-    k_idx_t is the [B, DI, S] transposed key view the PyTorch selection loop holds; keys beyond each
-    row's causal limit come back as -inf (the selection masks them anyway).
+    k_idx_t is the [B, DI, S] transposed key view of the PyTorch selection loop. Keys beyond each row's
+    causal limit come back as -inf, which the selection would apply anyway.
     """
     return index_scores_triton(q_idx, k_idx_t.transpose(1, 2), weights, q_start=first_position)

@@ -8,9 +8,9 @@ of a [BLOCK_G, D] tile, so each gathered key or value row is loaded once and ser
 The loop runs over the K index slots in blocks of BLOCK_K with an online softmax, as FlashAttention
 does over contiguous keys. Blocks whose slots are all -1 are skipped without loading anything.
 
-The backward pass recomputes probabilities from the saved log-sum-exp. dq is written per query; dk and
-dv are scattered into fp32 buffers with atomic adds (several queries select the same key), so their
-bits can differ between GPU runs in the last place. The index sets must not repeat a key within a row
+The backward pass recomputes probabilities from the saved log-sum-exp and writes dq per query. dk and
+dv are scattered into fp32 buffers with atomic adds, because several queries select the same key, so
+their last bits can differ between GPU runs. The index sets must not repeat a key within a row
 (top-k selection never does); a repeated key would be counted twice, unlike the dense-mask oracle.
 
 Decoding (T = 1) has only B * HKV programs of K slots each, too few to fill a GPU, so the decode path
@@ -191,8 +191,9 @@ def _sparse_attention_bwd_kernel(
     HAS_D_LSE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """q, out, d_out, d_q share the strides of q's layout ([B, T, H, D], contiguous); lse and d_lse
-    share [B, T, H]; d_k and d_v are contiguous fp32 [B, S, HKV, D] buffers with strides stride_g*."""
+    """Backward of one query and kv head. q, out, d_out and d_q share the strides of the contiguous
+    [B, T, H, D] layout, and lse and d_lse those of [B, T, H]. d_k and d_v are contiguous fp32
+    [B, S, HKV, D] buffers with strides stride_g*."""
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     batch = row // queries
@@ -382,8 +383,8 @@ def sparse_attention_triton(
     """Return out [B, T, H, D] (q's dtype), and with `return_lse` also lse [B, T, H] (fp32, +inf for
     empty rows), for q [B, T, H, D], k and v [B, S, HKV, D], indices [B, T, K].
 
-    Same contract as `sparse_attention_torch`; k and v may be strided views of the Hugging Face cache
-    layout [B, HKV, S, D] and are read in place. When no gradient is needed and there are few programs
+    Same contract as `sparse_attention_torch`. k and v may be strided views of the Hugging Face cache
+    layout [B, HKV, S, D], which are read in place. When no gradient is needed and there are few programs
     (a decode step), the K slots are split over several programs per head. `chunk_size` is accepted for
     signature parity and ignored: the kernels never materialise more than a block of slots.
     """

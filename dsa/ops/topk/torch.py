@@ -79,8 +79,8 @@ def _hide_invisible(
 ) -> None:
     """Set the scores [B, Tc, S'] of keys a row cannot see to -inf, in place.
 
-    Row t sees keys up to first_position + t, and S' = first_position + Tc, so the causal limit only
-    touches the last Tc columns: an upper triangle, not a [Tc, S'] mask.
+    Row t may attend keys up to first_position + t, and S' = first_position + Tc, so the causal limit
+    only touches the last Tc columns: an upper triangle, not a [Tc, S'] mask.
     """
     tile = scores.shape[1]
     future = torch.ones(tile, tile, dtype=torch.bool, device=scores.device).triu_(diagonal=1)
@@ -96,7 +96,7 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
     keys are already -inf, without the [B, Tc, S'] masks and cumulative sums of `_choose`.
 
     Each row takes `topk`'s set, which is the tie rule's set unless a score equal to the row's k-th
-    largest is left out; only such rows go through `_choose`. A row with fewer than `width` visible
+    largest is left out. Only such rows go through `_choose`. A row with fewer than `width` visible
     keys (its k-th largest is -inf) keeps all of them.
     """
     span = scores.shape[-1]
@@ -109,7 +109,7 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
         indices = torch.where(empty, span, indices).sort(dim=-1).values
         indices = indices.masked_fill_(indices == span, -1)
     else:
-        # Every row holds `count` keys: listing a row mask's True positions orders them, faster than a sort.
+        # Every row contains `count` keys, so listing a row mask's True positions orders them faster than a sort.
         chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, indices, True)
         indices = chosen.nonzero()[:, -1].view(indices.shape)
     tied = ((scores >= kth).sum(dim=-1, keepdim=True) != count) & ~torch.isneginf(kth)
