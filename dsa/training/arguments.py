@@ -42,8 +42,11 @@ class DataArguments:
     dataset_name_or_path: str = field(
         default=None,
         metadata={"help": "A .txt, .jsonl, .json or .parquet file, a folder of such files, or a dataset name in the "
-                          "local `datasets` cache. Records with 'messages' (chat) or 'prompt' and 'response' train on "
+                          "local `datasets` cache (set HF_HUB_OFFLINE=1 where the hub is unreachable). Records with 'messages' (chat) or 'prompt' and 'response' train on "
                           "assistant tokens only; plain text is packed into --model_max_length sequences."},
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration of a named dataset (the second argument of datasets.load_dataset)."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to read from a named dataset."})
     text_column: str = field(default="text", metadata={"help": "Column holding plain text in .jsonl, .json or .parquet records."})

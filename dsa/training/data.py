@@ -47,8 +47,13 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
     return loaders.pop(), [str(p) for p in files]
 
 
-def load_records(name_or_path: str, split: str = "train"):
-    """Load raw records as a `datasets.Dataset` from local files or a dataset in the local cache."""
+def load_records(name_or_path: str, split: str = "train", config_name: str | None = None):
+    """Load raw records as a `datasets.Dataset` from local files or a dataset in the local cache.
+
+    A dataset name is read by `datasets.load_dataset(name, config_name, split=split)`, which falls back
+    to the copy a previous run left in the `datasets` cache when the hub cannot be reached; with
+    HF_HUB_OFFLINE=1 it goes to the cache without trying the network.
+    """
     import datasets
 
     if not name_or_path:
@@ -62,9 +67,8 @@ def load_records(name_or_path: str, split: str = "train"):
         except Exception as error:  # datasets raises many types for malformed files
             raise DataError(f"could not read {path} as {loader} data: {error}") from error
     else:
-        # NOTE: loading a dataset name from the local cache is not covered by a test yet.
         try:
-            records = datasets.load_dataset(name_or_path, split=split)
+            records = datasets.load_dataset(name_or_path, config_name, split=split)
         except Exception as error:
             raise DataError(
                 f"{name_or_path!r} is neither a local file or folder nor a dataset in the local datasets cache "
@@ -161,13 +165,14 @@ def build_dataset(
     model_max_length: int,
     *,
     split: str = "train",
+    config_name: str | None = None,
     text_column: str = "text",
     max_sequences: int | None = None,
 ) -> TokenisedDataset:
     """Load, tokenise and pack or mask the training data; raise `DataError` with the fix on bad data."""
     if model_max_length < 2:
         raise DataError(f"--model_max_length={model_max_length} is invalid; expected at least 2 tokens.")
-    records = load_records(name_or_path, split)
+    records = load_records(name_or_path, split, config_name)
     kind = record_kind(list(records.column_names), text_column)
     if kind == "text":
         sequences = [(ids, list(ids)) for ids in _pack_text(records, tokenizer, text_column, model_max_length)]

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -103,3 +104,48 @@ def test_collator_pads_right_with_ignored_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def _cache_dataset(cache: Path, repo: str, config_name: str, records: list[dict], tmp_path) -> None:
+    """Write what an online `load_dataset(repo, config_name)` leaves in the datasets cache:
+    <cache>/<namespace>___<name>/<config>/0.0.0/<commit>/{dataset_info.json, <name>-train.arrow}."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json, JsonConfig
+
+    namespace, name = repo.split("/")
+    source = tmp_path / f"{name}-{config_name}.jsonl"
+    source.write_text("\n".join(json.dumps(record) for record in records), encoding="utf-8")
+
+    class RepoBuilder(Json):
+        BUILDER_CONFIGS = [JsonConfig(name=config_name, data_files=DataFilesDict.from_patterns({"train": [str(source)]}))]
+
+    # The builder names its folder and arrow files after dataset_name; an online run adds the namespace
+    # to the folder name only.
+    RepoBuilder(cache_dir=str(cache), dataset_name=name, config_name=config_name, hash="0" * 40).download_and_prepare()
+    (cache / f"{namespace}___{name}").mkdir(exist_ok=True)
+    (cache / name / config_name).rename(cache / f"{namespace}___{name}" / config_name)
+
+
+def test_dataset_name_from_local_cache(tokenizer, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    cache = tmp_path / "datasets-cache"
+    prose = [{"text": "The river ran past the mill and the old stone bridge. " * 30} for _ in range(4)]
+    chat = [{"messages": [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Volga."}]}] * 3
+    _cache_dataset(cache, "acme/tiny-corpus", "default", prose, tmp_path)
+    _cache_dataset(cache, "acme/tiny-corpus", "chat", chat, tmp_path)
+    # The hub is unreachable here: offline mode sends load_dataset straight to the cache.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    text = build_dataset("acme/tiny-corpus", tokenizer, 64, config_name="default")
+    assert text.kind == "text"
+    assert len(text) >= 4
+    assert len(text[0]["input_ids"]) == 64
+    dialogue = build_dataset("acme/tiny-corpus", tokenizer, 64, config_name="chat")
+    assert dialogue.kind == "chat"
+    assert len(dialogue) == 3
+    with pytest.raises(DataError, match="not-cached"):
+        build_dataset("acme/not-cached", tokenizer, 64)
