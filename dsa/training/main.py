@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 import dsa
 from dsa.config import DSAConfig
+from dsa.modules import LightningIndexer
 from dsa.training.arguments import DataArguments, DSATrainingArguments, ModelArguments
 from dsa.training.data import PaddingCollator, build_dataset
 from dsa.training.trainer import ADAPTER_FOLDER, AdapterCheckpointCallback, DSATrainer, StepLogCallback, save_final_adapter
@@ -25,6 +26,7 @@ logger = logging.getLogger("dsa.train")
 
 SHAPE_OPTIONS = ("indexer_heads", "indexer_head_dim", "rope_dim", "q_lora_rank")
 RUN_OPTIONS = ("top_k", "dense_layers")
+INDEXER_CLASS = LightningIndexer.__name__
 
 
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, DSATrainingArguments]:
@@ -104,12 +106,49 @@ def _check_ranks_agree(model: torch.nn.Module) -> None:
     logger.info("All %d processes hold the same indexer weights (checksum %.6f)", len(values), values[0])
 
 
+def _check_deepspeed_device(args: DSATrainingArguments) -> None:
+    """Reject --deepspeed where Trainer cannot run it, before anything is loaded."""
+    if args.deepspeed and args.device.type == "cpu":
+        # accelerate 1.16 starts DeepSpeed only for accelerator process groups. On the CPU, the Trainer and
+        # DeepSpeed disagree on the world size, and from_pretrained fails with an assertion about batch sizes.
+        raise ValueError(
+            f"--deepspeed needs GPUs: this run's device is {args.device}. Drop --deepspeed to train on the CPU "
+            "(one process, or DDP with torchrun and --ddp_backend gloo)."
+        )
+
+
+def _wrap_indexers_as_fsdp_units(args: DSATrainingArguments, model: torch.nn.Module) -> None:
+    """Make every indexer an FSDP wrapping unit of its own, beside the decoder layers.
+
+    The indexer KL reaches the indexer weights without passing through the decoder layer's output, so
+    FSDP would not gather those weights again for the backward pass if they belonged to the layer's unit
+    (the backward fails on freed storage). As a unit of their own, the indexers are gathered through their
+    own outputs. Without transformer_layer_cls_to_wrap the layers are the model's `_no_split_modules`, as
+    accelerate would choose.
+    """
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if not args.fsdp or not plugin_args:
+        return
+    if plugin_args.get("auto_wrap_policy") != "TRANSFORMER_BASED_WRAP":
+        raise ValueError(
+            f"--fsdp with auto_wrap_policy {plugin_args.get('auto_wrap_policy')!r} is not supported: DSA needs "
+            "TRANSFORMER_BASED_WRAP so that each indexer is an FSDP unit of its own (see configs/fsdp_qwen3.json)."
+        )
+    names = [name for name in (plugin_args.get("transformer_cls_names_to_wrap") or "").split(",") if name]
+    names = names or list(getattr(model, "_no_split_modules", None) or [])
+    if INDEXER_CLASS not in names:
+        names.append(INDEXER_CLASS)
+    plugin_args["transformer_cls_names_to_wrap"] = ",".join(names)
+    logger.info("FSDP wrapping units: %s", ", ".join(names))
+
+
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, args = parse_arguments(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if args.process_index == 0 else logging.WARNING,
     )
+    _check_deepspeed_device(args)
     _check_output_dir(args)
     set_seed(args.seed)
 
@@ -123,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer,
         data_args.model_max_length,
         split=data_args.dataset_split,
+        config_name=data_args.dataset_config_name,
         text_column=data_args.text_column,
         max_sequences=data_args.max_train_sequences,
     )
@@ -130,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     model.config.use_cache = False
     attach_indexer(model, model_args)
     train_model = prepare_stage(model, args)
+    _wrap_indexers_as_fsdp_units(args, model)
     logger.info(
         "Stage %s: %d trainable parameters, %d of them in the indexers; DSA config %s",
         args.stage,

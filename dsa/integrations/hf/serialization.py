@@ -57,8 +57,8 @@ def _indexer_modules(model: nn.Module) -> dict[int, nn.Module]:
 def indexer_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Return the indexer weights of a converted model as {"layers.{i}.{name}": tensor} on the CPU.
 
-    Under DeepSpeed ZeRO-3 the sharded weights are gathered first; that is a collective call, so every
-    rank must call this function.
+    Sharded weights are gathered first: DeepSpeed ZeRO-3 partitions, FSDP2 DTensors, and FSDP1 units
+    (whose own state_dict gathers). Gathering is a collective call, so every rank must call this function.
     """
     get_runtime(model)
     indexers = _indexer_modules(model)
@@ -67,14 +67,23 @@ def indexer_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state = {}
         for layer_idx, indexer in indexers.items():
             for name, tensor in indexer.state_dict().items():
-                state[f"layers.{layer_idx}.{name}"] = tensor.detach().to("cpu").clone().contiguous()
+                state[f"layers.{layer_idx}.{name}"] = _full_tensor(tensor).detach().to("cpu").clone().contiguous()
     return state
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Return the whole tensor behind an FSDP2 DTensor shard (a collective), or `tensor` itself."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+    return tensor
 
 
 def _gathered(parameters: list[nn.Parameter]):
     """Return a context that gathers ZeRO-3 partitioned parameters, or a no-op context otherwise."""
     if any(hasattr(p, "ds_id") for p in parameters):
-        # NOTE: never run here (no GPU for DeepSpeed); scripts/gpu_check_deepspeed.sh exercises it.
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
