@@ -110,6 +110,7 @@ def test_selected_sets_equal_between_prefill_and_decode(monkeypatch):
         model(ids[:, :23], cache=cache, use_cache=True)
         recorded.clear()
         model(ids[:, 23:], cache=cache, use_cache=True)
+    assert len(prefill) == len(recorded) == len(model.dsa_runtime.layers)
     for layer, (whole, step) in enumerate(zip(prefill, recorded)):
         assert torch.equal(whole[:, -1], step[:, 0]), f"layer {layer} selected a different set in decode"
 
@@ -148,7 +149,7 @@ def test_padding_never_selected(monkeypatch):
     mask = torch.ones_like(batch)
     mask[1, :pad] = 0
     model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert recorded
+    assert recorded[0].shape[1] == 30, "the prefill's selection was not recorded"
     for indices in recorded:
         padded_row = indices[1]
         assert not ((padded_row >= 0) & (padded_row < pad)).any(), "a left-padding key was selected"
@@ -257,3 +258,35 @@ def test_stale_indexer_inputs_never_reused():
     query, key = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
     with pytest.raises(RuntimeError, match="the DSA indexer did not run before attention"):
         dsa_attention_forward(module, query, key, key, None)
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "left-padded"])
+def test_fused_prefill_equals_two_operators(monkeypatch, pads):
+    """Without gradients, a prefill past top_k selects and attends one block at a time; the logits and
+    keys per query equal those of the whole selection followed by sparse attention."""
+    import dsa.integrations.hf.attention as attention_module
+
+    _, model = _pair()
+    model.eval()
+    ids = random_ids(2, 40)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    calls = []
+    original_fused = attention_module.sparse_prefill_torch
+
+    def counting_fused(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return original_fused(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "sparse_prefill_torch", counting_fused)
+    with torch.no_grad():
+        fused = model(ids, attention_mask=mask).logits
+        fused_counts = [state.keys_per_query.clone() for state in model.dsa_runtime.layers]
+        assert calls == [40] * len(model.dsa_runtime.layers)
+        monkeypatch.setattr(attention_module, "_fused_prefill_applies", lambda *args: False)
+        separate = model(ids, attention_mask=mask).logits
+        separate_counts = [state.keys_per_query for state in model.dsa_runtime.layers]
+    assert torch.allclose(fused, separate, atol=1e-5, rtol=1e-5)
+    for fused_layer, separate_layer in zip(fused_counts, separate_counts):
+        assert torch.equal(fused_layer, separate_layer)

@@ -185,3 +185,20 @@ def test_no_grad_forward_matches_reference(monkeypatch, width_factor, queries, k
     assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
     finite = torch.isfinite(expected_lse)
     assert_close("lse", lse[finite], expected_lse[finite], atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("width_factor", [8, 10_000], ids=["default", "union"])
+def test_no_grad_fused_tiles_match_reference(monkeypatch, width_factor):
+    # Without lse, each tile runs SDPA over its union: a prefix view for the first causal queries (every
+    # visible key selected), a gather further on, and zero for a row without keys.
+    monkeypatch.setattr(sparse_attention_torch_module, "UNION_WIDTH_FACTOR", width_factor)
+    q, k, v = _qkv(2, 200, 200, 6, 2, 32, seed=7)
+    generator = torch.Generator().manual_seed(8)
+    indices = select_topk_torch(torch.randn(2, 200, 2, 8, generator=generator), torch.randn(2, 200, 8, generator=generator),
+                                torch.randn(2, 200, 2, generator=generator), 24)
+    indices[1, 130] = -1
+    expected = sparse_attention_reference(q, k, v, indices)
+    with torch.no_grad():
+        out = sparse_attention_torch(q, k, v, indices)
+    assert_close("out", out, expected, atol=2e-6, rtol=2e-6)
+    assert torch.equal(out[1, 130], torch.zeros_like(out[1, 130]))

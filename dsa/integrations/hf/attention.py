@@ -23,6 +23,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dsa.integrations.hf.state import LayerState
+from dsa.ops.prefill import sparse_prefill_torch
+from dsa.ops.sparse_attention import sparse_attention_torch
+from dsa.ops.topk import select_topk_torch
 
 ATTENTION_NAME = "dsa"
 
@@ -142,6 +145,20 @@ def _measure_recall(state, q, k, indices, scaling, mask_args) -> None:
     )
 
 
+def _fused_prefill_applies(runtime, queries: int, keys: int, *tensors: torch.Tensor) -> bool:
+    """Return True when `sparse_prefill_torch` can replace selection + sparse attention: the PyTorch
+    backend's own two operators (not replaced ones), the indexer's selection, more than one query,
+    more keys than top_k, no recall to measure and no gradient to keep."""
+    backend = runtime.backend
+    if backend.select_topk is not select_topk_torch or backend.sparse_attention is not sparse_attention_torch:
+        return False
+    if runtime.selection != "indexer" or runtime.measure_recall:
+        return False
+    if queries == 1 or keys <= runtime.config.top_k:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -208,6 +225,13 @@ def dsa_attention_forward(
 
     if dropout:
         raise ValueError(f"DSA sparse attention does not implement attention dropout (got {dropout}); set attention_dropout=0.")
+    if _fused_prefill_applies(runtime, queries, keys, q, k, v, q_idx, k_idx, weights):
+        # Selection and attention one block of queries at a time: the [B, T, K] index sets are never held.
+        fused_out, state.keys_per_query = sparse_prefill_torch(
+            q, k, v, q_idx, k_idx, weights, config.top_k, scaling,
+            sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size, **mask_args,
+        )
+        return fused_out, None
     indices = _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args)
     state.keys_per_query = (indices >= 0).sum(dim=-1)
     if runtime.measure_recall:

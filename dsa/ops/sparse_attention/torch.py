@@ -146,25 +146,27 @@ class _SparseAttention(torch.autograd.Function):
 UNION_TILE = 64
 """Consecutive queries whose index sets are merged by the no-grad forward (see `_union_forward`)."""
 
-UNION_WIDTH_FACTOR = 8
+UNION_WIDTH_FACTOR = 16
 """A tile uses its union when that is at most this many times wider than K; otherwise per-query gathers."""
 
 
-def _union_forward(q, k, v, indices, scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward pass without autograd that gathers each tile's union of selected keys once.
 
     Consecutive queries select overlapping sets: on SmolLM2 over real text, 64 queries with 256 keys
-    each touch about 1,000 distinct keys, not 16,384. For each tile of UNION_TILE queries this gathers
-    the union U of their keys once per kv head, then runs dense products over it, [Tq * G, D] @ [D, U],
-    with each query's own set as a mask. A tile whose union is wider than UNION_WIDTH_FACTOR * K falls
-    back to per-query gathers (`_per_query_forward`), which do less arithmetic there.
+    each touch about 1,000 distinct keys, not 16,384. For each tile of UNION_TILE queries this takes
+    the union U of their keys once per kv head (a view when U is a prefix of the keys, else a gather)
+    and runs PyTorch's fused `scaled_dot_product_attention` over it, with each query's own set as a
+    boolean mask. With `need_lse` the tile runs unfused products instead, which also give the
+    log-sum-exp. A tile whose union is wider than UNION_WIDTH_FACTOR * K falls back to per-query
+    gathers (`_per_query_forward`), which do less arithmetic there.
     """
     batch, queries, heads, head_dim = q.shape
     keys, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     slots = indices.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, queries, heads, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, queries, heads, dtype=torch.float32, device=q.device) if need_lse else None
     present = torch.zeros(keys + 1, dtype=torch.bool, device=q.device)
     position = torch.empty(keys + 1, dtype=torch.int64, device=q.device)
     for b in range(batch):
@@ -180,34 +182,66 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int) -> tuple[tor
             present[slot_keys.flatten()] = True
             union = present[:keys].nonzero().squeeze(1)
             width = union.numel()
-            if width > UNION_WIDTH_FACTOR * slots:
+            if width > UNION_WIDTH_FACTOR * slots or width == 0:
                 chunk_out, chunk_lse = _per_query_forward(
                     q[b : b + 1, start:stop], k[b : b + 1], v[b : b + 1], indices[b : b + 1, start:stop], scale, chunk_size
                 )
-                out[b, start:stop], lse[b, start:stop] = chunk_out[0], chunk_lse[0]
+                out[b, start:stop] = chunk_out[0]
+                if lse is not None:
+                    lse[b, start:stop] = chunk_lse[0]
                 continue
             position[union] = torch.arange(width, device=q.device)
             position[keys] = width
             keep = torch.zeros(tile, width + 1, dtype=torch.bool, device=q.device)
             keep.scatter_(1, position[slot_keys], True)
             keep = keep[:, :width]  # [Tq, U]
-            k_sel = k_heads.index_select(1, union).float()  # [HKV, U, D]
-            v_sel = v_heads.index_select(1, union).float()
+            if int(union[-1]) == width - 1:
+                # The union is the key prefix [0, U): read it in place.
+                k_sel, v_sel = k_heads[:, :width], v_heads[:, :width]
+            else:
+                k_sel, v_sel = k_heads.index_select(1, union), v_heads.index_select(1, union)  # [HKV, U, D]
             # [Tq, H, D] -> [HKV, Tq * G, D], rows ordered (t, g)
-            q_tile = q[b, start:stop].float().reshape(tile, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, tile * groups, head_dim)
-            logits = torch.bmm(q_tile, k_sel.transpose(1, 2)).mul_(scale).view(kv_heads, tile, groups, width)
-            logits.masked_fill_(~keep[None, :, None, :], float("-inf"))
-            row_max = logits.amax(dim=-1, keepdim=True)
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-            probs = torch.exp(logits - row_max)
-            denom = probs.sum(dim=-1, keepdim=True)
-            values = torch.bmm(probs.view(kv_heads, tile * groups, width), v_sel).view(kv_heads, tile, groups, head_dim)
-            tile_out = torch.where(denom > 0, values / denom.clamp_min(1e-30), torch.zeros_like(values))
-            tile_lse = torch.where(denom > 0, row_max + denom.log(), torch.full_like(denom, float("inf")))
-            # [HKV, Tq, G, *] -> [Tq, HKV, G, *] -> [Tq, H, *]
-            out[b, start:stop] = tile_out.permute(1, 0, 2, 3).reshape(tile, heads, head_dim).to(q.dtype)
-            lse[b, start:stop] = tile_lse.squeeze(-1).permute(1, 0, 2).reshape(tile, heads)
+            q_tile = q[b, start:stop].reshape(tile, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, tile * groups, head_dim)
+            if lse is None:
+                tile_out = _fused_tile(q_tile, k_sel, v_sel, keep, groups, scale)
+            else:
+                tile_out, tile_lse = _unfused_tile(q_tile.float(), k_sel.float(), v_sel.float(), keep, groups, scale)
+                lse[b, start:stop] = tile_lse.permute(1, 0, 2).reshape(tile, heads)
+            # [HKV, Tq * G, D] -> [Tq, HKV, G, D] -> [Tq, H, D]
+            out[b, start:stop] = tile_out.view(kv_heads, tile, groups, head_dim).permute(1, 0, 2, 3).reshape(tile, heads, head_dim).to(q.dtype)
     return out, lse
+
+
+def _fused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> torch.Tensor:
+    """Return out [HKV, Tq * G, D] (fp32) of SDPA for q_tile [HKV, Tq * G, D] over k_sel, v_sel [HKV, U, D],
+    where query t may attend union key u when keep[t, u]; a query without keys gets 0."""
+    mask = keep.repeat_interleave(groups, dim=0)  # [Tq * G, U], rows ordered (t, g)
+    dtype = torch.float32
+    tile_out = torch.nn.functional.scaled_dot_product_attention(
+        q_tile.to(dtype).unsqueeze(0), k_sel.to(dtype).unsqueeze(0), v_sel.to(dtype).unsqueeze(0), attn_mask=mask, scale=scale
+    )[0]
+    empty = ~mask.any(dim=-1)
+    if bool(empty.any()):
+        # SDPA returns NaN for a row whose keys are all masked out.
+        tile_out[:, empty] = 0.0
+    return tile_out
+
+
+def _unfused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return out [HKV, Tq * G, D] and lse [HKV, Tq, G] by explicit products, for `_fused_tile`'s inputs
+    in fp32; lse is +inf for a query without keys."""
+    kv_heads, rows, _ = q_tile.shape
+    tile, width = keep.shape
+    logits = torch.bmm(q_tile, k_sel.transpose(1, 2)).mul_(scale).view(kv_heads, tile, groups, width)
+    logits.masked_fill_(~keep[None, :, None, :], float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(logits - row_max)
+    denom = probs.sum(dim=-1, keepdim=True)
+    values = torch.bmm(probs.view(kv_heads, rows, width), v_sel).view(kv_heads, tile, groups, -1)
+    tile_out = torch.where(denom > 0, values / denom.clamp_min(1e-30), torch.zeros_like(values))
+    tile_lse = torch.where(denom > 0, row_max + denom.log(), torch.full_like(denom, float("inf")))
+    return tile_out.view(kv_heads, rows, -1), tile_lse.squeeze(-1)
 
 
 def sparse_attention_torch(
@@ -232,7 +266,7 @@ def sparse_attention_torch(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not needs_grad and q.shape[1] > 1:
-        out, lse = _union_forward(q, k, v, indices, scale, chunk_size)
+        out, lse = _union_forward(q, k, v, indices, scale, chunk_size, need_lse=return_lse)
     else:
         out, lse = _SparseAttention.apply(q, k, v, indices, scale, chunk_size)
     return (out, lse) if return_lse else out

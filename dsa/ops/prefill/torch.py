@@ -1,0 +1,91 @@
+"""Fused sparse prefill in PyTorch: selection and sparse attention one block of queries at a time.
+
+Running `select_topk_torch` over all T queries and then `sparse_attention_torch` holds the index sets
+[B, T, K]: 256 MiB of int64 at T = 16k and K = 2048, where dense attention's only output is the
+[B, T, H, D] result. Here each block of queries is selected and attended before the next one, so the
+extra memory is one block's scores and index sets. There is no backward pass: training uses the two
+operators, whose sparse attention saves what its backward needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsa.ops._checks import check_attention_inputs, check_indexer_inputs, resolve_mask_args
+from dsa.ops.sparse_attention.torch import _union_forward
+from dsa.ops.topk.torch import select_topk_torch
+
+SCORE_BUDGET = 2**22
+"""Upper bound on the per-head score elements [Tc * HI, S] of one block: 16 MiB of fp32."""
+
+MIN_BLOCK = 16
+"""Fewest queries per block, however long the keys, so that per-block overhead stays small."""
+
+
+def _block_size(chunk_size: int, indexer_heads: int, keys: int) -> int:
+    """Return the queries per block: `chunk_size`, or fewer so that a block's scores fit SCORE_BUDGET."""
+    return max(MIN_BLOCK, min(chunk_size, SCORE_BUDGET // max(1, indexer_heads * keys)))
+
+
+def sparse_prefill_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    weights: torch.Tensor,
+    top_k: int,
+    scale: float | None = None,
+    *,
+    q_start: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    sink_tokens: int = 0,
+    local_tokens: int = 0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return out [B, T, H, D] (q's dtype) and keys per query [B, T] (int64) for q [B, T, H, D], k and v
+    [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
+
+    Equal to `select_topk_torch` followed by `sparse_attention_torch`, without holding [B, T, K].
+    Blocks have `chunk_size` queries, or fewer at long S (see SCORE_BUDGET). Raises ValueError when a
+    gradient is required, since there is no backward pass.
+    """
+    batch, queries, heads, head_dim = q.shape
+    # No index sets exist yet: an empty [B, T, 0] stands in so the q, k, v checks run.
+    check_attention_inputs(q, k, v, torch.empty(batch, queries, 0, dtype=torch.int64, device=q.device))
+    check_indexer_inputs(q_idx, k_idx, weights)
+    keys = k.shape[1]
+    if q_idx.shape[:2] != (batch, queries) or k_idx.shape[1] != keys:
+        raise ValueError(
+            f"indexer inputs q_idx {tuple(q_idx.shape)} and k_idx {tuple(k_idx.shape)} do not match q {tuple(q.shape)} "
+            f"and k {tuple(k.shape)}; expected [B, T, HI, DI] and [B, S, DI]."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} is invalid; expected an integer >= 1.")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, q_idx, k_idx, weights)):
+        raise ValueError(
+            "sparse_prefill_torch has no backward pass; run it under torch.no_grad(), or use select_topk_torch and "
+            "sparse_attention_torch for training."
+        )
+    q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    block = _block_size(chunk_size, q_idx.shape[2], keys)
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    counts = torch.empty(batch, queries, dtype=torch.int64, device=q.device)
+    for start in range(0, queries, block):
+        stop = min(start + block, queries)
+        # Keys past the block's last query are invisible to all of it.
+        span = q_start + stop
+        indices = select_topk_torch(
+            q_idx[:, start:stop], k_idx[:, :span], weights[:, start:stop], top_k,
+            q_start=q_start + start,
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :span],
+            attention_mask=None if attention_mask is None else attention_mask[:, start:stop, :span],
+            sink_tokens=sink_tokens, local_tokens=local_tokens, chunk_size=block,
+        )
+        block_out, _ = _union_forward(q[:, start:stop], k[:, :span], v[:, :span], indices, scale, block, need_lse=False)
+        out[:, start:stop] = block_out
+        counts[:, start:stop] = (indices >= 0).sum(dim=-1)
+    return out, counts
