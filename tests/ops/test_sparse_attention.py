@@ -124,6 +124,22 @@ def test_decode_rows_equal_prefill_rows():
         assert_close(f"decode step {t}", step[:, 0], prefill[:, t], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_decode_matches_reference(dtype):
+    # A decode step whose slots are all valid runs one SDPA call over the gathered rows; with a -1 slot
+    # it keeps the masked path. Both read the heads-first cache layout in place.
+    q, k_cache, v_cache = _qkv(2, 1, 300, 8, 2, 32, dtype=dtype, seed=11)
+    k, v = k_cache.transpose(1, 2).contiguous().transpose(1, 2), v_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    indices = unique_indices(2, 1, 300, 64, 0.0, torch.Generator().manual_seed(12))
+    for label, rows in (("all valid", indices), ("one empty slot", torch.cat([indices[..., :-1], torch.full_like(indices[..., :1], -1)], -1))):
+        assert (rows >= 0).all() == (label == "all valid")
+        expected = sparse_attention_reference(q.float(), k.float(), v.float(), rows)
+        with torch.no_grad():
+            out = sparse_attention_torch(q, k, v, rows)
+        assert out.dtype == dtype
+        assert_close(f"decode {label}", out.float(), expected, atol=2e-6 if dtype == torch.float32 else 2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_row_equals_row_alone(side):
     q, k, v = _qkv(1, 30, 30, 4, 2, 16, seed=9)

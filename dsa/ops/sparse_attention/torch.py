@@ -244,6 +244,23 @@ def _unfused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> tupl
     return tile_out.view(kv_heads, rows, -1), tile_lse.squeeze(-1)
 
 
+def _full_decode(q, k, v, indices, scale: float) -> torch.Tensor:
+    """Decode step without autograd whose K slots are all valid: gather the selected rows, then one SDPA
+    call with no mask, [B, HKV, G, D] against [B, HKV, K, D], in place of the masked products."""
+    batch, _, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    slots = indices.shape[-1]
+    k_rows, k_strides = _row_view(k)
+    v_rows, v_strides = _row_view(v)
+    # Rows ordered (b, n, k): [B, 1, HKV, K, D] viewed as [B, HKV, K, D].
+    shape = (batch, kv_heads, slots, head_dim)
+    k_sel = _gather(k_rows, _row_ids(indices, k_strides, kv_heads), shape)
+    v_sel = _gather(v_rows, _row_ids(indices, v_strides, kv_heads), shape)
+    q_heads = q.float().view(batch, kv_heads, heads // kv_heads, head_dim)
+    out = torch.nn.functional.scaled_dot_product_attention(q_heads, k_sel, v_sel, scale=scale)
+    return out.reshape(batch, 1, heads, head_dim).to(q.dtype)
+
+
 def sparse_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,6 +282,8 @@ def sparse_attention_torch(
         raise ValueError(f"chunk_size={chunk_size} is invalid; expected an integer >= 1.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not needs_grad and q.shape[1] == 1 and not return_lse and bool((indices >= 0).all()):
+        return _full_decode(q, k, v, indices, scale)
     if not needs_grad and q.shape[1] > 1:
         out, lse = _union_forward(q, k, v, indices, scale, chunk_size, need_lse=return_lse)
     else:
