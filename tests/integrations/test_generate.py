@@ -262,8 +262,8 @@ def test_stale_indexer_inputs_never_reused():
 
 @pytest.mark.parametrize("pads", [[0, 0], [0, 5]], ids=["unpadded", "left-padded"])
 def test_fused_prefill_equals_two_operators(monkeypatch, pads):
-    """Without gradients, a prefill past top_k selects and attends one block at a time; the logits and
-    keys per query equal those of the whole selection followed by sparse attention."""
+    """Without gradients, a prefill past top_k selects and attends one block at a time. Its logits and
+    keys per query must equal those of the whole selection followed by sparse attention."""
     import dsa.integrations.hf.attention as attention_module
 
     _, model = _pair()

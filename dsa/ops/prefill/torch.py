@@ -1,8 +1,8 @@
 """Fused sparse prefill in PyTorch: selection and sparse attention one block of queries at a time.
 
-Running `select_topk_torch` over all T queries and then `sparse_attention_torch` holds the index sets
-[B, T, K]: 256 MiB of int64 at T = 16k and K = 2048, where dense attention's only output is the
-[B, T, H, D] result. Here each block of queries is selected and attended before the next one, so the
+Running `select_topk_torch` over all T queries and then `sparse_attention_torch` keeps the index sets
+[B, T, K] in memory: 256 MiB of int64 at T = 16k and K = 2048. Dense attention allocates little more
+than its [B, T, H, D] output. Here each block of queries is selected and attended before the next one, so the
 extra memory is one block's scores and index sets. There is no backward pass: training uses the two
 operators, whose sparse attention saves what its backward needs.
 """
@@ -19,7 +19,7 @@ SCORE_BUDGET = 2**22
 """Upper bound on the per-head score elements [Tc * HI, S] of one block: 16 MiB of fp32."""
 
 MIN_BLOCK = 16
-"""Fewest queries per block, however long the keys, so that per-block overhead stays small."""
+"""Minimum queries per block, however long the keys, so that per-block overhead stays small."""
 
 
 def _block_size(chunk_size: int, indexer_heads: int, keys: int) -> int:
@@ -47,12 +47,12 @@ def sparse_prefill_torch(
     """Return out [B, T, H, D] (q's dtype) and keys per query [B, T] (int64) for q [B, T, H, D], k and v
     [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
 
-    Equal to `select_topk_torch` followed by `sparse_attention_torch`, without holding [B, T, K].
-    Blocks have `chunk_size` queries, or fewer at long S (see SCORE_BUDGET). Raises ValueError when a
+    The result equals `select_topk_torch` followed by `sparse_attention_torch`, but [B, T, K] is never
+    allocated. Blocks have `chunk_size` queries, or fewer at long S (see SCORE_BUDGET). Raises ValueError when a
     gradient is required, since there is no backward pass.
     """
     batch, queries, heads, head_dim = q.shape
-    # No index sets exist yet: an empty [B, T, 0] stands in so the q, k, v checks run.
+    # No index sets exist yet, so an empty [B, T, 0] replaces them for the q, k, v checks.
     check_attention_inputs(q, k, v, torch.empty(batch, queries, 0, dtype=torch.int64, device=q.device))
     check_indexer_inputs(q_idx, k_idx, weights)
     keys = k.shape[1]
