@@ -184,12 +184,14 @@ def test_heads_first_cache_layout_read_in_place():
         assert_close(f"heads-first {label}", a, e, atol=1e-6)
 
 
+@pytest.mark.parametrize("prefix_share", [0.0, 2.0], ids=["prefix", "gather"])
 @pytest.mark.parametrize("width_factor", [0, 8, 10_000], ids=["per-query", "default", "union"])
 @pytest.mark.parametrize(("queries", "keys", "top_k"), [(150, 150, 12), (70, 400, 40)])
-def test_no_grad_forward_matches_reference(monkeypatch, width_factor, queries, keys, top_k):
+def test_no_grad_forward_matches_reference(monkeypatch, width_factor, prefix_share, queries, keys, top_k):
     # Without autograd, tiles of queries gather the union of their sets once; a tile whose union is
     # too wide falls back to per-query gathers. Every mix must give the reference's out and lse.
     monkeypatch.setattr(sparse_attention_torch_module, "UNION_WIDTH_FACTOR", width_factor)
+    monkeypatch.setattr(sparse_attention_torch_module, "PREFIX_SHARE", prefix_share)
     q, k_cache, v_cache = _qkv(2, queries, keys, 6, 2, 32, seed=top_k)
     k, v = k_cache.transpose(1, 2).contiguous().transpose(1, 2), v_cache.transpose(1, 2).contiguous().transpose(1, 2)
     indices = unique_indices(2, queries, keys, top_k, 0.2, torch.Generator().manual_seed(4))
@@ -203,11 +205,13 @@ def test_no_grad_forward_matches_reference(monkeypatch, width_factor, queries, k
     assert_close("lse", lse[finite], expected_lse[finite], atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("prefix_share", [0.0, 0.75, 2.0], ids=["always-prefix", "default", "always-gather"])
 @pytest.mark.parametrize("width_factor", [8, 10_000], ids=["default", "union"])
-def test_no_grad_fused_tiles_match_reference(monkeypatch, width_factor):
-    # Without lse, each tile runs SDPA over its union: a prefix view for the first causal queries (every
-    # visible key selected), a gather further on, and zero for a row without keys.
+def test_no_grad_fused_tiles_match_reference(monkeypatch, width_factor, prefix_share):
+    # Without lse, each tile runs SDPA over its union: a view of the key prefix when the union covers
+    # enough of it, else a gather, and zero for a row without keys.
     monkeypatch.setattr(sparse_attention_torch_module, "UNION_WIDTH_FACTOR", width_factor)
+    monkeypatch.setattr(sparse_attention_torch_module, "PREFIX_SHARE", prefix_share)
     q, k, v = _qkv(2, 200, 200, 6, 2, 32, seed=7)
     generator = torch.Generator().manual_seed(8)
     indices = select_topk_torch(torch.randn(2, 200, 2, 8, generator=generator), torch.randn(2, 200, 8, generator=generator),

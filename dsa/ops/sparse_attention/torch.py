@@ -150,12 +150,18 @@ UNION_WIDTH_FACTOR = 16
 """A tile uses its union when that is at most this many times wider than K; otherwise per-query gathers."""
 
 
+PREFIX_SHARE = 0.75
+"""A tile whose union covers at least this share of the keys up to its last one reads that prefix in
+place (a view) instead of gathering the union."""
+
+
 def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward pass without autograd that gathers each tile's union of selected keys once.
 
     Consecutive queries select overlapping sets: on SmolLM2 over real text, 64 queries with 256 keys
     each touch about 1,000 distinct keys, not 16,384. For each tile of UNION_TILE queries this takes
-    the union U of their keys once per kv head (a view when U is a prefix of the keys, else a gather)
+    the union U of their keys once per kv head (a view of the key prefix when U covers most of it, see
+    PREFIX_SHARE, else a gather)
     and runs PyTorch's fused `scaled_dot_product_attention` over it, with each query's own set as a
     boolean mask. With `need_lse` the tile runs unfused products instead, which also give the
     log-sum-exp. A tile whose union is wider than UNION_WIDTH_FACTOR * K falls back to per-query
@@ -190,15 +196,21 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
                 if lse is not None:
                     lse[b, start:stop] = chunk_lse[0]
                 continue
-            position[union] = torch.arange(width, device=q.device)
-            position[keys] = width
-            keep = torch.zeros(tile, width + 1, dtype=torch.bool, device=q.device)
-            keep.scatter_(1, position[slot_keys], True)
-            keep = keep[:, :width]  # [Tq, U]
-            if int(union[-1]) == width - 1:
-                # The union is the key prefix [0, U): read it in place.
+            span = int(union[-1]) + 1
+            if width >= PREFIX_SHARE * span:
+                # The union covers most of the prefix [0, span): attend over the prefix in place, with the
+                # few unselected keys masked, instead of gathering. U is then the prefix.
+                width = span
+                keep = torch.zeros(tile, width + 1, dtype=torch.bool, device=q.device)
+                keep.scatter_(1, torch.clamp_max(slot_keys, width), True)
+                keep = keep[:, :width]  # [Tq, U]
                 k_sel, v_sel = k_heads[:, :width], v_heads[:, :width]
             else:
+                position[union] = torch.arange(width, device=q.device)
+                position[keys] = width
+                keep = torch.zeros(tile, width + 1, dtype=torch.bool, device=q.device)
+                keep.scatter_(1, position[slot_keys], True)
+                keep = keep[:, :width]  # [Tq, U]
                 k_sel, v_sel = k_heads.index_select(1, union), v_heads.index_select(1, union)  # [HKV, U, D]
             # [Tq, H, D] -> [HKV, Tq * G, D], rows ordered (t, g)
             q_tile = q[b, start:stop].reshape(tile, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, tile * groups, head_dim)
