@@ -58,12 +58,12 @@ def test_prefill_attention_mask_rows():
     assert torch.equal(counts, expected_counts)
 
 
-def test_budget_shrinks_blocks_without_changing_result(monkeypatch):
+def test_budget_shrinks_score_chunks_without_changing_result(monkeypatch):
     inputs = _inputs(1, 120, 120, seed=5)
     with torch.no_grad():
         whole, _ = sparse_prefill_torch(**inputs, top_k=20, chunk_size=256)
         monkeypatch.setattr(prefill_module, "SCORE_BUDGET", 3 * 120 * 20)
-        assert prefill_module._block_size(256, 3, 120) == 20
+        assert prefill_module._score_chunk(256, 3, 120) == 20
         small, _ = sparse_prefill_torch(**inputs, top_k=20, chunk_size=256)
     assert_close("out", small, whole, atol=1e-6, rtol=1e-6)
 

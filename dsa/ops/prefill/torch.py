@@ -16,15 +16,16 @@ from dsa.ops.sparse_attention.torch import _union_forward
 from dsa.ops.topk.torch import select_topk_torch
 
 SCORE_BUDGET = 2**22
-"""Upper bound on the per-head score elements [Tc * HI, S] of one block: 16 MiB of fp32."""
+"""Upper bound on the per-head score elements [Tc * HI, S] of one selection chunk: 16 MiB of fp32."""
 
-MIN_BLOCK = 16
-"""Minimum queries per block, however long the keys, so that per-block overhead stays small."""
+MIN_CHUNK = 16
+"""Minimum queries per selection chunk, however long the keys, so that per-chunk overhead stays small."""
 
 
-def _block_size(chunk_size: int, indexer_heads: int, keys: int) -> int:
-    """Return the queries per block: `chunk_size`, or fewer so that a block's scores fit SCORE_BUDGET."""
-    return max(MIN_BLOCK, min(chunk_size, SCORE_BUDGET // max(1, indexer_heads * keys)))
+def _score_chunk(chunk_size: int, indexer_heads: int, keys: int) -> int:
+    """Return the queries per selection chunk: `chunk_size`, or fewer so that a chunk's scores fit
+    SCORE_BUDGET."""
+    return max(MIN_CHUNK, min(chunk_size, SCORE_BUDGET // max(1, indexer_heads * keys)))
 
 
 def sparse_prefill_torch(
@@ -48,8 +49,9 @@ def sparse_prefill_torch(
     [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
 
     The result equals `select_topk_torch` followed by `sparse_attention_torch`, but [B, T, K] is never
-    allocated. Blocks have `chunk_size` queries, or fewer at long S (see SCORE_BUDGET). Raises ValueError when a
-    gradient is required, since there is no backward pass.
+    allocated. Blocks have `chunk_size` queries. Their selection runs in chunks of fewer queries at long
+    S (see SCORE_BUDGET), while their attention keeps tiles of 64 queries, because SDPA calls over few
+    rows are slow. Raises ValueError when a gradient is required, since there is no backward pass.
     """
     batch, queries, heads, head_dim = q.shape
     # No index sets exist yet, so an empty [B, T, 0] replaces them for the q, k, v checks.
@@ -70,7 +72,8 @@ def sparse_prefill_torch(
         )
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     scale = head_dim**-0.5 if scale is None else float(scale)
-    block = _block_size(chunk_size, q_idx.shape[2], keys)
+    block = chunk_size
+    score_chunk = _score_chunk(chunk_size, q_idx.shape[2], keys)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     counts = torch.empty(batch, queries, dtype=torch.int64, device=q.device)
@@ -83,7 +86,7 @@ def sparse_prefill_torch(
             q_start=q_start + start,
             key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :span],
             attention_mask=None if attention_mask is None else attention_mask[:, start:stop, :span],
-            sink_tokens=sink_tokens, local_tokens=local_tokens, chunk_size=block,
+            sink_tokens=sink_tokens, local_tokens=local_tokens, chunk_size=score_chunk,
         )
         block_out, _ = _union_forward(q[:, start:stop], k[:, :span], v[:, :span], indices, scale, block, need_lse=False)
         out[:, start:stop] = block_out
