@@ -2,7 +2,7 @@
 # Run every CPU benchmark tier in one go and write raw JSON and PNG plots to $OUT (default bench-results/).
 # Run it on an idle machine: bench_ops.py flags cases during which other processes used the CPU, the
 # other scripts do not check.
-# About 15 to 20 minutes on 2 cores. docs/benchmarks.md records a run.
+# About 20 minutes on 2 cores, plus about 6 for the 64k prefill. docs/benchmarks.md records a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
@@ -11,6 +11,8 @@ PYTHON=${PYTHON:-python}
 # Operators, one attention layer: prefill (one timed call after a warm-up) and decode (median of 3).
 "$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers prefill --prefill-tokens 4096 8192 16384 32768 \
     --repeats 1 --plot --output "$OUT/ops-smollm2-135m-prefill.json"
+"$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers prefill --prefill-tokens 65536 \
+    --repeats 1 --output "$OUT/ops-smollm2-135m-prefill-64k.json"
 "$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers decode --plot --output "$OUT/ops-smollm2-135m-decode.json"
 "$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers prefill --prefill-tokens 4096 8192 \
     --repeats 1 --plot --output "$OUT/ops-qwen3-4b-prefill.json"
