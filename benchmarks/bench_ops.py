@@ -496,8 +496,8 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
         del out
     peak = peak_rss_bytes()
     if fused:
-        # The split of a fused prefill: one selection of every query on its own, after the peak is read;
-        # the attention share is the rest of the median time.
+        # To split a fused prefill's time, one selection of every query runs on its own after the peak is
+        # read. The attention share is the rest of the median time.
         start = time.perf_counter()
         selection = dsa_select(inputs, spec.top_k, spec.chunk_size)
         select_ms = [(time.perf_counter() - start) * 1e3]

@@ -28,8 +28,10 @@ def sparse_prefill_reference(
     local_tokens: int = 0,
     chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return out [B, T, H, D] and keys per query [B, T] (int64) for q [B, T, H, D], k and v
-    [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
+    """Return out [B, T, H, D] and keys per query [B, T] (int64).
+
+    Inputs: q [B, T, H, D], k and v [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx
+    [B, S, DI] and weights [B, T, HI].
 
     `chunk_size` is accepted for signature parity with the fast path and ignored here.
     """

@@ -45,8 +45,10 @@ def sparse_prefill_torch(
     local_tokens: int = 0,
     chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return out [B, T, H, D] (q's dtype) and keys per query [B, T] (int64) for q [B, T, H, D], k and v
-    [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
+    """Return out [B, T, H, D] (q's dtype) and keys per query [B, T] (int64).
+
+    Inputs: q [B, T, H, D], k and v [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx
+    [B, S, DI] and weights [B, T, HI].
 
     The result equals `select_topk_torch` followed by `sparse_attention_torch`, but [B, T, K] is never
     allocated. Blocks have `chunk_size` queries. Their selection runs in chunks of fewer queries at long
