@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Callable
+
+# Errors that report bad input (a missing file, an invalid option, bad data): the console prints their
+# message alone. Anything else keeps its traceback.
+INPUT_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
 
 COMMANDS = {
     "train": "train the indexer (--stage warmup) or fine-tune with sparse attention (--stage sparse)",
@@ -35,5 +41,26 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def run_console(entry: Callable[[list[str] | None], int], prog: str, argv: list[str] | None = None) -> int:
+    """Run `entry(argv)` for a console command; print input errors as one line and return 2.
+
+    Set DSA_TRACEBACK=1 to get the full traceback instead.
+    """
+    try:
+        return entry(argv)
+    except INPUT_ERRORS as error:
+        if os.environ.get("DSA_TRACEBACK") == "1":
+            raise
+        print(f"{prog}: error: {error}\n(set DSA_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 2
+
+
+def console_main() -> int:
+    """Entry point of the installed `dsa` command."""
+    argv = sys.argv[1:]
+    prog = f"dsa {argv[0]}" if argv and argv[0] in COMMANDS else "dsa"
+    return run_console(main, prog, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

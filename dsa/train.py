@@ -2,7 +2,8 @@
 
 import sys
 
+from dsa.cli import run_console
 from dsa.training.main import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_console(main, "dsa train"))

@@ -79,4 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dsa.cli import run_console
+
+    sys.exit(run_console(main, "dsa eval"))

@@ -43,7 +43,7 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
         raise DataError(f"{path} mixes file types {sorted({p.suffix for p in files})}; put one type per folder.")
     for file in files:
         if file.stat().st_size == 0:
-            raise DataError(f"data file {file} is empty.")
+            raise DataError(f"data file {file} is empty; add text to it, or remove it from the data folder.")
     return loaders.pop(), [str(p) for p in files]
 
 
@@ -71,8 +71,9 @@ def load_records(name_or_path: str, split: str = "train", config_name: str | Non
             records = datasets.load_dataset(name_or_path, config_name, split=split)
         except Exception as error:
             raise DataError(
-                f"{name_or_path!r} is neither a local file or folder nor a dataset in the local datasets cache "
-                f"(no network access is assumed): {error}"
+                f"{name_or_path!r} is neither a local file or folder nor a dataset in the local datasets cache: "
+                f"{str(error).rstrip('.')}. Pass a .txt, .jsonl, .json or .parquet file or folder, or load the dataset once with "
+                "datasets.load_dataset where the hub is reachable so that it is cached."
             ) from error
     if len(records) == 0:
         raise DataError(f"{name_or_path} contains no records.")

@@ -174,3 +174,17 @@ def test_dense_layers_option_reaches_adapter(tiny_checkpoint, text_file, tmp_pat
     assert config["dsa_config"]["dense_layers"] == [0]
     # The adapter folder is staged with mkdtemp (mode 0700); it must end up readable like any folder.
     assert (output / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+def test_console_prints_input_errors_without_traceback(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    command = [sys.executable, "-m", "dsa.cli", "train", "--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path",
+               str(empty), "--output_dir", str(tmp_path / "out"), "--use_cpu", "--max_steps", "1"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert f"dsa train: error: data file {empty} is empty" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    with_traceback = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "DSA_TRACEBACK": "1"})
+    assert with_traceback.returncode == 1
+    assert "Traceback" in with_traceback.stderr
