@@ -25,8 +25,8 @@ class ModelArguments:
     dsa_preset: str | None = field(
         default=None, metadata={"help": "Named DSA config to start from, e.g. 'smollm2-135m' or 'deepseek-v3.2'."}
     )
-    indexer_heads: int | None = field(default=None, metadata={"help": "HI, number of indexer heads (default: sized from the model)."})
-    indexer_head_dim: int | None = field(default=None, metadata={"help": "DI, width of each indexer head (default: sized from the model)."})
+    indexer_heads: int | None = field(default=None, metadata={"help": "HI, number of indexer heads; unset (None) sizes it from the model."})
+    indexer_head_dim: int | None = field(default=None, metadata={"help": "DI, dimensions of each indexer head; unset (None) sizes it from the model."})
     rope_dim: int | None = field(default=None, metadata={"help": "Leading dims of each indexer head that get RoPE (even, <= DI)."})
     top_k: int | None = field(default=None, metadata={"help": "Keys each query attends to in sparse mode (tokens)."})
     q_lora_rank: int | None = field(default=None, metadata={"help": "Rank of a low-rank indexer query; unset projects from the hidden state."})
@@ -66,11 +66,11 @@ class DSATrainingArguments(TrainingArguments):
     )
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Peak learning rate of the trained weights: the indexer in warm-up (default 1e-3), the base "
-                          "model in the sparse stage (default 1e-5)."},
+        metadata={"help": "Peak learning rate of the trained weights: the indexer in warm-up, the base model in the "
+                          "sparse stage. Unset (None) means 1e-3 in warm-up and 1e-5 in the sparse stage."},
     )
     indexer_learning_rate: float | None = field(
-        default=None, metadata={"help": "Sparse stage: peak learning rate of the indexer (default 1e-4)."}
+        default=None, metadata={"help": "Sparse stage: peak learning rate of the indexer; unset (None) means 1e-4."}
     )
     indexer_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the indexer KL added to the LM loss."})
     use_lora: bool = field(default=False, metadata={"help": "Sparse stage: train LoRA adapters (PEFT) instead of all base weights."})
