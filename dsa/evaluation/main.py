@@ -22,20 +22,20 @@ logger = logging.getLogger("dsa.eval")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsa eval", description=__doc__)
     parser.add_argument("--model_name_or_path", default="default",
-                        help="Local model folder, a converted model saved with save_pretrained, or 'default' for the embedded SmolLM2-135M-Instruct.")
+                        help="Local model folder, a converted model saved with save_pretrained, or 'default' for the embedded SmolLM2-135M-Instruct (default: %(default)s).")
     parser.add_argument("--indexer_path", help="Indexer adapter folder (written by dsa train or dsa.save_indexer); required unless the model is already converted.")
     parser.add_argument("--data", required=True, help="Held-out plain-text file (UTF-8) for perplexity windows and passkey filler.")
     parser.add_argument("--output_dir", required=True, help="Folder for results.json, report.md and the PNG plots; must not already hold results.json.")
-    parser.add_argument("--context_lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="Window lengths in tokens.")
-    parser.add_argument("--top_k", type=int, nargs="+", default=[64, 128, 256, 512], help="top_k values (keys per query) for oracle and DSA.")
-    parser.add_argument("--windows", type=int, default=2, help="Windows of each length averaged for perplexity and recall.")
-    parser.add_argument("--passkey_trials", type=int, default=20, help="Passkey trials per length for dense and for DSA; 0 skips the passkey test.")
+    parser.add_argument("--context_lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="Window lengths in tokens (default: %(default)s).")
+    parser.add_argument("--top_k", type=int, nargs="+", default=[64, 128, 256, 512], help="top_k values (keys per query) for oracle and DSA (default: %(default)s).")
+    parser.add_argument("--windows", type=int, default=2, help="Windows of each length averaged for perplexity and recall (count, default: %(default)s).")
+    parser.add_argument("--passkey_trials", type=int, default=20, help="Passkey trials per length for dense and for DSA; 0 skips the passkey test (count, default: %(default)s).")
     parser.add_argument("--passkey_top_k", type=int, help="top_k of the DSA passkey runs (keys per query); default: the adapter's top_k.")
     parser.add_argument(
         "--dense_layers", type=int, nargs="*",
         help="Layer indices that keep dense attention for oracle and DSA (default: the adapter's dense_layers).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the passkey values and positions.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the passkey values and positions (default: %(default)s).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing results.json in --output_dir.")
     return parser
 
