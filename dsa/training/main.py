@@ -2,7 +2,9 @@
 
 Launch one process, or many with `torchrun` (DDP, FSDP through `--fsdp`, DeepSpeed through
 `--deepspeed configs/zero3_offload_bf16.json`); distribution, mixed precision, checkpoints and logging
-come from `Trainer`.
+come from `Trainer`. The model and data options come first below. The stage options (--stage,
+--indexer_learning_rate, --indexer_loss_weight, --use_lora and the --lora_* options) come last, after
+the Trainer's own options.
 """
 
 from __future__ import annotations
