@@ -226,7 +226,7 @@ def dsa_attention_forward(
     if dropout:
         raise ValueError(f"DSA sparse attention does not implement attention dropout (got {dropout}); set attention_dropout=0.")
     if _fused_prefill_applies(runtime, queries, keys, q, k, v, q_idx, k_idx, weights):
-        # Selection and attention one block of queries at a time: the [B, T, K] index sets are never held.
+        # Selection and attention run one block of queries at a time, so [B, T, K] is never allocated.
         fused_out, state.keys_per_query = sparse_prefill_torch(
             q, k, v, q_idx, k_idx, weights, config.top_k, scaling,
             sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size, **mask_args,

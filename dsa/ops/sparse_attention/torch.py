@@ -198,8 +198,8 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
                 continue
             span = int(union[-1]) + 1
             if width >= PREFIX_SHARE * span:
-                # The union covers most of the prefix [0, span): attend over the prefix in place, with the
-                # few unselected keys masked, instead of gathering. U is then the prefix.
+                # The union covers most of the prefix [0, span), so attend over the prefix in place, with
+                # the few unselected keys masked, instead of gathering. U is then the prefix.
                 width = span
                 keep = torch.zeros(tile, width + 1, dtype=torch.bool, device=q.device)
                 keep.scatter_(1, torch.clamp_max(slot_keys, width), True)
@@ -225,8 +225,10 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
 
 
 def _fused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> torch.Tensor:
-    """Return out [HKV, Tq * G, D] (fp32) of SDPA for q_tile [HKV, Tq * G, D] over k_sel, v_sel [HKV, U, D],
-    where query t may attend union key u when keep[t, u]; a query without keys gets 0."""
+    """Return out [HKV, Tq * G, D] (fp32) of SDPA for q_tile [HKV, Tq * G, D] over k_sel, v_sel [HKV, U, D].
+
+    Query t may attend union key u when keep[t, u]. A query without keys gets 0.
+    """
     mask = keep.repeat_interleave(groups, dim=0)  # [Tq * G, U], rows ordered (t, g)
     dtype = torch.float32
     tile_out = torch.nn.functional.scaled_dot_product_attention(
@@ -241,7 +243,7 @@ def _fused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> torch.
 
 def _unfused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return out [HKV, Tq * G, D] and lse [HKV, Tq, G] by explicit products, for `_fused_tile`'s inputs
-    in fp32; lse is +inf for a query without keys."""
+    in fp32. The lse is +inf for a query without keys."""
     kv_heads, rows, _ = q_tile.shape
     tile, width = keep.shape
     logits = torch.bmm(q_tile, k_sel.transpose(1, 2)).mul_(scale).view(kv_heads, tile, groups, width)
@@ -257,8 +259,11 @@ def _unfused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> tupl
 
 
 def _full_decode(q, k, v, indices, scale: float) -> torch.Tensor:
-    """Decode step without autograd whose K slots are all valid: gather the selected rows, then one SDPA
-    call with no mask, [B, HKV, G, D] against [B, HKV, K, D], in place of the masked products."""
+    """Return out [B, 1, H, D] for a decode step without autograd whose K slots are all valid.
+
+    The selected rows are gathered, then one SDPA call without a mask runs [B, HKV, G, D] against
+    [B, HKV, K, D], in place of the masked products.
+    """
     batch, _, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     slots = indices.shape[-1]
