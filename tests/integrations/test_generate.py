@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 from tiny_models import SMALL_DSA, random_ids, tiny_model
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicIndexedLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicIndexedLayer, DynamicSlidingWindowLayer, StaticIndexedLayer
 
 import dsa
 from dsa.integrations.hf.attention import dsa_attention_forward
@@ -88,6 +88,50 @@ def test_decode_after_prefill_equals_full_prefill():
     torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=1e-5, rtol=1e-5)
     assert all(isinstance(layer, DynamicIndexedLayer) for layer in cache.layers)
     assert cache.layers[0].indexer_keys.shape[1] == 28
+
+
+def test_static_cache_decode_equals_full_prefill():
+    _, model = _pair()
+    ids = random_ids(2, 28)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = StaticCache(config=model.config, max_cache_len=40)
+        step_logits = [model(ids[:, :20], cache=cache, use_cache=True).logits]
+        for t in range(20, 28):
+            step_logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+            # The unfilled tail of the 40-slot buffers is never selected: exactly top_k keys per query.
+            assert all(int(counts.max()) == TOP_K for counts in dsa.keys_per_query(model).values())
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert all(isinstance(layer, StaticIndexedLayer) for layer in cache.layers)
+    assert int(cache.layers[0].indexer_cumulative_length) == 28
+
+
+@pytest.mark.parametrize("pads", [0, 5])
+def test_static_cache_generation_equals_dynamic(pads):
+    _, model = _pair()
+    batch = torch.cat([random_ids(1, 12, seed=6), random_ids(1, 12, seed=8)])
+    mask = torch.ones_like(batch)
+    batch[1, :pads] = 0
+    mask[1, :pads] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(batch, **kwargs)
+    static = model.generate(batch, cache_implementation="static", **kwargs)
+    assert torch.equal(static, dynamic)
+    assert all(int(counts.max()) == TOP_K for counts in dsa.keys_per_query(model).values())
+
+
+def test_static_cache_overflow_names_max_cache_len():
+    _, model = _pair()
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad(), pytest.raises(ValueError, match="max_cache_len=16"):
+        model(random_ids(1, 20), cache=cache, use_cache=True)
+
+
+def test_unsupported_cache_layer_rejected():
+    _, model = _pair()
+    layers = [DynamicSlidingWindowLayer(sliding_window=8) for _ in range(model.config.num_hidden_layers)]
+    with torch.no_grad(), pytest.raises(TypeError, match="DynamicSlidingWindowLayer; use the default cache"):
+        model(random_ids(1, 10), cache=Cache(layers=layers), use_cache=True)
 
 
 def test_selected_sets_equal_between_prefill_and_decode(monkeypatch):

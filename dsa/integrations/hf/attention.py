@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
+from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer, StaticIndexedLayer, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -46,34 +46,38 @@ def register() -> None:
 # ---- the indexer pre-hook and the indexer key cache ----------------------------------------------------
 
 
-def _indexed_cache_layer(cache, layer_idx: int) -> DynamicIndexedLayer:
-    """Return the cache layer for `layer_idx`, turning a fresh `DynamicLayer` into a `DynamicIndexedLayer`.
+def _indexed_cache_layer(cache, layer_idx: int) -> DynamicIndexedLayer | StaticIndexedLayer:
+    """Return the cache layer for `layer_idx`, turning a fresh `DynamicLayer` into a `DynamicIndexedLayer`
+    and a fresh `StaticLayer` into a `StaticIndexedLayer`.
 
-    `generate()` builds a plain `DynamicCache`. Swapping the layer class in place keeps the indexer keys
-    inside the Hugging Face cache object, so beam-search reordering, cropping and batch selection move
-    them together with the attention keys.
+    `generate()` builds a plain `DynamicCache` (or a `StaticCache` with `cache_implementation="static"`).
+    Swapping the layer class in place keeps the indexer keys inside the Hugging Face cache object, so
+    beam-search reordering, cropping and batch selection move them together with the attention keys.
     """
     layers = cache.layers
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_idx:
         if replicate is None:
-            raise ValueError(f"the cache has no layer {layer_idx} and cannot create one; pass a DynamicCache.")
+            raise ValueError(f"the cache has no layer {layer_idx} and cannot create one; pass a DynamicCache or a StaticCache.")
         layers.append(DynamicIndexedLayer() if len(layers) == layer_idx else replicate())
     layer = layers[layer_idx]
-    if isinstance(layer, DynamicIndexedLayer):
+    if isinstance(layer, (DynamicIndexedLayer, StaticIndexedLayer)):
         return layer
-    if type(layer) is not DynamicLayer:
+    if type(layer) is DynamicLayer:
+        indexed = DynamicIndexedLayer()
+    elif type(layer) is StaticLayer:
+        indexed = StaticIndexedLayer(max_cache_len=layer.max_cache_len)
+    else:
         raise TypeError(
-            f"DSA keeps its indexer keys in a DynamicCache, but layer {layer_idx} of the cache is a "
-            f"{type(layer).__name__}; use the default cache (no cache_implementation) with a converted model."
+            f"DSA keeps its indexer keys in a DynamicCache or a StaticCache, but layer {layer_idx} of the cache is a "
+            f"{type(layer).__name__}; use the default cache or cache_implementation=\"static\" with a converted model."
         )
-    if layer.is_initialized and layer.get_seq_length() > 0:
+    if layer.is_initialized and int(layer.get_seq_length()) > 0:
         raise ValueError(
-            f"the cache already contains {layer.get_seq_length()} tokens for layer {layer_idx} that were computed "
+            f"the cache already contains {int(layer.get_seq_length())} tokens for layer {layer_idx} that were computed "
             "without a DSA indexer; start from an empty cache after convert()."
         )
-    indexed = DynamicIndexedLayer()
-    indexed.__dict__.update({key: value for key, value in layer.__dict__.items()})
+    indexed.__dict__.update(layer.__dict__)
     layers[layer_idx] = indexed
     return indexed
 
@@ -90,7 +94,7 @@ def indexer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
-        past = cache.get_seq_length(state.layer_idx) if cache is not None else 0
+        past = int(cache.get_seq_length(state.layer_idx)) if cache is not None else 0
         position_ids = torch.arange(past, past + queries, device=hidden.device).unsqueeze(0)
     if position_ids.dim() != 2:
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; DSA expects [B, T] positions.")
@@ -98,8 +102,18 @@ def indexer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
     # The indexer learns only from its own loss: no gradient flows from it into the base model.
     q_idx, k_new, weights = module.indexer(hidden.detach(), position_ids)
+    state.filled_keys = None
     if cache is not None:
-        k_idx = _indexed_cache_layer(cache, state.layer_idx).update_indexer(k_new)
+        layer = _indexed_cache_layer(cache, state.layer_idx)
+        if isinstance(layer, StaticIndexedLayer):
+            # A static layer returns its whole preallocated buffer; the tokens filled so far come first.
+            state.filled_keys = int(layer.get_seq_length()) + queries
+            if state.filled_keys > layer.max_cache_len:
+                raise ValueError(
+                    f"layer {state.layer_idx}: {state.filled_keys} tokens do not fit the static cache of "
+                    f"max_cache_len={layer.max_cache_len}; build the StaticCache with a larger max_cache_len."
+                )
+        k_idx = layer.update_indexer(k_new)
     else:
         k_idx = k_new
     state.indexer_inputs = (q_idx, k_idx, weights)
@@ -191,6 +205,12 @@ def dsa_attention_forward(
         raise ValueError("DSA does not implement attention logit soft-capping; convert() should have rejected this model.")
     q_idx, k_idx, weights = state.indexer_inputs
     state.indexer_inputs = None
+    if state.filled_keys is not None and state.filled_keys < key.shape[2]:
+        # A static cache passes its whole buffer; only the first filled_keys positions hold tokens.
+        filled = state.filled_keys
+        key, value, k_idx = key[:, :, :filled], value[:, :, :filled], k_idx[:, :filled]
+        if attention_mask is not None and attention_mask.shape[-1] > filled:
+            attention_mask = attention_mask[..., :filled]
     runtime = state.runtime
     config = runtime.config
     batch, _, queries, _ = query.shape
