@@ -184,6 +184,32 @@ def test_heads_first_cache_layout_read_in_place():
         assert_close(f"heads-first {label}", a, e, atol=1e-6)
 
 
+@pytest.mark.parametrize("queries", [1, 9], ids=["decode", "prefill"])
+def test_static_cache_buffer_read_in_place(queries):
+    # A static cache hands attention the first S positions of a [B, HKV, S_max, D] buffer. Its unfilled
+    # tail holds NaN here: reading it would poison the output.
+    batch, keys, kv_heads, head_dim, capacity = 2, 40, 3, 16, 64
+    q, k, v = _qkv(batch, queries, keys, 6, kv_heads, head_dim, seed=13)
+    views = []
+    for x in (k, v):
+        buffer = torch.full((batch, kv_heads, capacity, head_dim), float("nan"))
+        buffer[:, :, :keys] = x.transpose(1, 2)
+        views.append(buffer[:, :, :keys].transpose(1, 2))
+    rows, strides = sparse_attention_torch_module._row_view(views[0])
+    assert rows.data_ptr() == views[0].data_ptr(), "the static buffer was copied"
+    assert strides == (kv_heads * capacity, 1, capacity)
+    indices = unique_indices(batch, queries, keys, 12, 0.0, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = sparse_attention_torch(q, k, v, indices)
+        actual = sparse_attention_torch(q, *views, indices)
+    assert_close("static buffer, no grad", actual, expected, atol=1e-6)
+    grad_out = torch.randn(batch, queries, 6, head_dim)
+    expected_grads = _run(sparse_attention_torch, q, k, v, indices, grad_out)
+    actual_grads = _run(sparse_attention_torch, q, *views, indices, grad_out)
+    for label, a, e in zip(("out", "dq", "dk", "dv"), actual_grads, expected_grads):
+        assert_close(f"static buffer {label}", a, e, atol=1e-6)
+
+
 @pytest.mark.parametrize("prefix_share", [0.0, 2.0], ids=["prefix", "gather"])
 @pytest.mark.parametrize("width_factor", [0, 8, 10_000], ids=["per-query", "default", "union"])
 @pytest.mark.parametrize(("queries", "keys", "top_k"), [(150, 150, 12), (70, 400, 40)])

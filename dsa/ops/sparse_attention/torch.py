@@ -16,16 +16,21 @@ from dsa.ops._checks import check_attention_inputs
 def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Return x [B, S, HKV, D] as rows [N, D] without a copy, and the row-id strides (batch, key, head).
 
-    x may be contiguous or a transposed view of a [B, HKV, S, D] tensor (the Hugging Face cache
-    layout); both are read in place, so a decode step never copies the cache.
+    Any layout whose D values are adjacent and whose other strides are multiples of D is read in place:
+    contiguous, a transposed view of a [B, HKV, S, D] tensor (the Hugging Face cache layout), and the
+    first S positions of a static cache's preallocated buffer. Other layouts are copied once.
     """
-    _, keys, kv_heads, head_dim = x.shape
-    if x.is_contiguous():
-        return x.view(-1, head_dim), (keys * kv_heads, kv_heads, 1)
-    heads_first = x.transpose(1, 2)
-    if not heads_first.is_contiguous():
-        heads_first = heads_first.contiguous()
-    return heads_first.view(-1, head_dim), (kv_heads * keys, 1, keys)
+    head_dim = x.shape[-1]
+    # A dimension of size 1 is only ever indexed at 0, so its stride does not matter.
+    strides = [0 if size == 1 else stride for size, stride in zip(x.shape[:3], x.stride()[:3])]
+    if x.stride(-1) == 1 or head_dim == 1:
+        if all(stride % head_dim == 0 for stride in strides):
+            row_strides = tuple(stride // head_dim for stride in strides)
+            rows = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:3], row_strides))
+            return x.as_strided((rows, head_dim), (head_dim, 1)), row_strides  # type: ignore[return-value]
+    x = x.contiguous()
+    keys, kv_heads = x.shape[1], x.shape[2]
+    return x.view(-1, head_dim), (keys * kv_heads, kv_heads, 1)
 
 
 def _row_ids(indices: torch.Tensor, strides: tuple[int, int, int], kv_heads: int) -> torch.Tensor:
