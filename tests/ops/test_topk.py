@@ -240,3 +240,52 @@ def test_no_ties_skip_general_rule(monkeypatch, queries):
 
     monkeypatch.setattr(topk_torch_module, "_choose", fail)
     assert torch.equal(select_topk_torch(q, k, w, 32), select_topk_reference(q, k, w, 32))
+
+
+def _spy_sampled(monkeypatch):
+    """Record whether each `_sampled_topk` call answered (True) or fell back (False)."""
+    outcomes = []
+    sampled = topk_torch_module._sampled_topk
+
+    def spy(scores, count):
+        found = sampled(scores, count)
+        outcomes.append(found is not None)
+        return found
+
+    monkeypatch.setattr(topk_torch_module, "_sampled_topk", spy)
+    return outcomes
+
+
+@pytest.mark.parametrize("levels", [None, 7], ids=["distinct", "tied"])
+def test_sampled_decode_selection_equals_reference(monkeypatch, levels):
+    # Decode rows with keys >= SAMPLED_MIN_SPAN * top_k take the sampled-threshold path. With scores
+    # rounded to a few levels, many keys tie the boundary and the lowest-index rule decides.
+    outcomes = _spy_sampled(monkeypatch)
+    q, k, w = _inputs(2, 1, 4096, seed=21)
+    if levels is not None:
+        k = (k * levels).round() / levels
+        q = (q * levels).round() / levels
+    mask = _left_padded_mask(2, 4096, [0, 300])
+    expected = select_topk_reference(q, k, w, 64, key_padding_mask=mask)
+    actual = select_topk_torch(q, k, w, 64, key_padding_mask=mask)
+    assert outcomes == [True]
+    assert torch.equal(actual, expected)
+
+
+def test_sampled_selection_falls_back_when_the_sample_misleads(monkeypatch):
+    # Only the sampled positions (every SAMPLE_STRIDE-th key) score high, so fewer than top_k keys reach
+    # the sample's bound; equal scores everywhere make every key a candidate. Both fall back to topk.
+    outcomes = _spy_sampled(monkeypatch)
+    keys, top_k = 4096, 64
+    for name, scores in (
+        ("sample misleads", torch.arange(keys).remainder(topk_torch_module.SAMPLE_STRIDE).eq(0).float() * 10 + torch.rand(keys)),
+        ("all equal", torch.ones(keys)),
+    ):
+        scores = scores.view(1, 1, keys)
+        outcomes.clear()
+        indices = topk_torch_module._topk_rows(scores.clone(), top_k)
+        assert outcomes == [False], name
+        chosen = torch.zeros(keys, dtype=torch.bool)
+        chosen[indices[0, 0]] = True
+        expected = topk_torch_module._choose(scores, torch.ones_like(scores, dtype=torch.bool), None, top_k)[0, 0]
+        assert torch.equal(chosen, expected), name

@@ -101,13 +101,18 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
     """
     span = scores.shape[-1]
     count = min(width, span)
-    values, indices = scores.topk(count, dim=-1, sorted=False)
+    few_rows = scores.shape[0] * scores.shape[1] <= FEW_ROWS
+    found = _sampled_topk(scores, count) if few_rows and span >= SAMPLED_MIN_SPAN * count else None
+    values, indices = found if found is not None else scores.topk(count, dim=-1, sorted=False)
     kth = values.amin(dim=-1, keepdim=True)
     empty = torch.isneginf(values)
     if bool(empty.any()):
         # Empty slots sort last as index S', then become -1.
         indices = torch.where(empty, span, indices).sort(dim=-1).values
         indices = indices.masked_fill_(indices == span, -1)
+    elif few_rows:
+        # A few rows (decode): sorting count indices beats a pass over S' booleans.
+        indices = indices.sort(dim=-1).values
     else:
         # Every row contains `count` keys, so listing a row mask's True positions orders them faster than a sort.
         chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, indices, True)
@@ -119,6 +124,43 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
         chosen = _choose(rows, ~torch.isneginf(rows), None, count)
         indices[tied] = _ascending_indices(chosen, count)[0]
     return indices if count == width else torch.nn.functional.pad(indices, (0, width - count), value=-1)
+
+
+# Rows per call up to which `_sampled_topk` runs row by row (decode steps, small batches).
+FEW_ROWS = 8
+# A row needs at least this many times `count` keys before sampling pays off.
+SAMPLED_MIN_SPAN = 8
+# Every SAMPLE_STRIDE-th score forms the sample; its threshold aims at SAMPLE_MARGIN times `count` candidates.
+SAMPLE_STRIDE = 16
+SAMPLE_MARGIN = 1.25
+
+
+def _sampled_topk(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Return topk's (values, indices) [B, Tc, count] for a few long rows, or None to fall back.
+
+    A full `topk` over S' keys per row costs about as much as scoring them. Instead, the k-th largest of
+    every SAMPLE_STRIDE-th score, with k sized for about SAMPLE_MARGIN * count candidates in the row,
+    bounds the row from below: every key at or above the row's count-th largest score is at or above
+    that bound whenever at least `count` keys are. The exact topk then runs on those candidates only.
+    Rows where fewer than `count` keys reach the bound, or too many do, return None, and the caller
+    runs the full topk, so the result never depends on the sample.
+    """
+    batch, tile, span = scores.shape
+    rows = scores.reshape(batch * tile, span)
+    sample = rows[:, ::SAMPLE_STRIDE]
+    rank = min(sample.shape[1], int(SAMPLE_MARGIN * count / SAMPLE_STRIDE) + 16)
+    bound = sample.topk(rank, dim=-1, sorted=False).values.amin(dim=-1)
+    if bool(torch.isneginf(bound).any()):
+        return None
+    values = torch.empty(rows.shape[0], count, dtype=scores.dtype, device=scores.device)
+    indices = torch.empty(rows.shape[0], count, dtype=torch.int64, device=scores.device)
+    for row in range(rows.shape[0]):
+        candidates = (rows[row] >= bound[row]).nonzero().squeeze(-1)
+        if not count <= candidates.numel() <= span // 2:
+            return None
+        row_values, picked = rows[row, candidates].topk(count, sorted=False)
+        values[row], indices[row] = row_values, candidates[picked]
+    return values.view(batch, tile, count), indices.view(batch, tile, count)
 
 
 def _torch_scores(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first_position: int) -> torch.Tensor:
