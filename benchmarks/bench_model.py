@@ -6,10 +6,11 @@ by the default rule and random too, because selection quality does not change th
 context length S it measures, in one process and one run:
 
 - decode: milliseconds per generated token (greedy, batch 1) after a context of S tokens, dense vs DSA.
-  The context is first run through the model once per path. The DSA path fills its cache in warm-up
-  mode (dense attention that also stores the indexer keys), because a sparse prefill of 32k tokens
-  takes minutes on a small CPU. That cache has the same shapes as a sparse prefill's, so the decode
-  steps do the same work;
+  The context is first run once through the DSA copy in warm-up mode (dense attention that also stores
+  the indexer keys), and each path decodes from its own copy of that cache. Its keys and values are
+  the dense model's, and it has the shapes a sparse prefill leaves, so the decode steps do the same
+  work. The cache is a StaticCache by default (`--cache`), written in place as serving engines do;
+  transformers' DynamicCache copies every layer's keys and values at each step;
 - prefill (`--prefill_tokens`, shorter lengths): seconds for a forward pass over T tokens, dense vs DSA
   in sparse mode.
 
@@ -36,7 +37,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.cache_utils import Cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -75,9 +77,17 @@ def build_models(shape: str, layers: int, top_k: int, max_tokens: int, seed: int
 
 
 @torch.no_grad()
-def fill_cache(model: torch.nn.Module, context: torch.Tensor, is_dsa: bool) -> tuple[DynamicCache, torch.Tensor]:
-    """Run the context through the model once; return the cache and the next token (greedy)."""
-    cache = DynamicCache(config=model.config)
+def fill_cache(model: torch.nn.Module, context: torch.Tensor, is_dsa: bool, kind: str, steps: int) -> tuple[Cache, torch.Tensor]:
+    """Run the context through the model once; return the cache and the next token (greedy).
+
+    A "static" cache is preallocated for the context and `steps` new tokens, so a decode step writes one
+    position in place; a "dynamic" cache grows by concatenation, copying every layer's keys and values
+    on each step.
+    """
+    if kind == "static":
+        cache: Cache = StaticCache(config=model.config, max_cache_len=context.shape[1] + steps)
+    else:
+        cache = DynamicCache(config=model.config)
     if is_dsa:
         dsa.set_mode(model, "warmup")
     try:
@@ -89,7 +99,7 @@ def fill_cache(model: torch.nn.Module, context: torch.Tensor, is_dsa: bool) -> t
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tensor, steps: int, is_dsa: bool, top_k: int) -> list[float]:
+def decode(model: torch.nn.Module, cache: Cache, token: torch.Tensor, steps: int, is_dsa: bool, top_k: int) -> list[float]:
     """Generate `steps` tokens greedily; return the milliseconds of each step. For DSA, check that each
     step attended exactly top_k keys in every layer."""
     times = []
@@ -138,7 +148,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     axis.set_xlabel("context tokens S")
     axis.set_ylabel("ms per generated token (median)")
     settings = results["settings"]
-    axis.set_title(f"{settings['shape']} widths, {settings['layers']} layers, top_k {settings['top_k']}, fp32")
+    axis.set_title(f"{settings['shape']} widths, {settings['layers']} layers, top_k {settings['top_k']}, {settings.get('cache', 'dynamic')} cache, fp32")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -152,10 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="dense/DSA ratios above 1 mean DSA is faster.",
     )
     parser.add_argument("--shape", choices=sorted(WIDTHS), default="smollm2-135m", help="layer widths (default smollm2-135m)")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random model (count, default 4)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random model (count, default 4; SmolLM2-135M has 30, Qwen3-4B 36)")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="context lengths S for decoding (tokens, default 8192 16384 32768)")
     parser.add_argument("--prefill_tokens", type=int, nargs="*", default=list(PREFILL_TOKENS), help="prompt lengths T for the prefill timing (tokens, default 4096 8192; none to skip)")
     parser.add_argument("--steps", type=int, default=16, help="tokens generated per context; the table shows the median step (count, default 16)")
+    parser.add_argument(
+        "--cache", choices=("static", "dynamic"), default="static",
+        help="KV cache of both paths: static (preallocated, written in place, as serving engines do) or dynamic "
+        "(transformers' default, which copies every layer's keys and values at each step; default static)",
+    )
     parser.add_argument("--top_k", type=int, default=2048, help="keys each DSA query attends to (tokens, default 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids (default 0)")
     parser.add_argument("--output", type=Path, help="raw JSON output (default bench-results/model-SHAPE.json); a PNG plot is written next to it")
@@ -191,12 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         for context in tqdm(args.contexts, desc="decode", unit="context", file=sys.stderr):
             ids = torch.randint(0, vocab, (1, context), generator=generator)
             row: dict[str, Any] = {"context": context}
+            # One fill serves both paths: in warm-up mode the DSA copy computes dense attention, so its
+            # keys and values are the dense model's, and it also stores the indexer keys.
+            filled, token = fill_cache(sparse, ids, True, args.cache, args.steps)
             for name, model, is_dsa in (("dense", dense, False), ("dsa", sparse, True)):
-                cache, token = fill_cache(model, ids, is_dsa)
+                cache = copy.deepcopy(filled)
                 times = decode(model, cache, token, args.steps, is_dsa, args.top_k)
                 row[f"{name}_step_ms"] = times
                 row[f"{name}_ms_per_token"] = statistics.median(times)
                 del cache
+            del filled
             row["dense_over_dsa"] = row["dense_ms_per_token"] / row["dsa_ms_per_token"]
             results["decode"].append(row)
             tqdm.write(f"decode S={context}: dense {row['dense_ms_per_token']:.1f} ms/token, DSA {row['dsa_ms_per_token']:.1f} ms/token", file=sys.stderr)

@@ -2,7 +2,7 @@
 # Run every CPU benchmark tier in one go and write raw JSON and PNG plots to $OUT (default bench-results/).
 # Run it on an idle machine: bench_ops.py flags cases during which other processes used the CPU, the
 # other scripts do not check.
-# About 20 minutes on 2 cores, plus about 6 for the 64k prefill. docs/benchmarks.md records a run.
+# About 35 minutes on 2 cores, the 64k prefill and the 30-layer model included. docs/benchmarks.md records a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
@@ -18,8 +18,11 @@ PYTHON=${PYTHON:-python}
     --repeats 1 --plot --output "$OUT/ops-qwen3-4b-prefill.json"
 "$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers decode --plot --output "$OUT/ops-qwen3-4b-decode.json"
 
-# A converted model: ms per generated token after 8k to 32k tokens of context, and prefill.
+# A converted model: ms per generated token after 8k to 32k tokens of context, and prefill; then the
+# same decode at SmolLM2-135M's full depth of 30 layers (no prefill timing).
 "$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 4 --output "$OUT/model-smollm2-135m.json"
+"$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 30 --prefill_tokens \
+    --output "$OUT/model-smollm2-135m-30-layers.json"
 
 # Training: peak memory of the warm-up loss against one dense forward, 2k to 16k tokens.
 "$PYTHON" benchmarks/bench_training.py --shape smollm2-135m --output "$OUT/training-smollm2-135m.json"
