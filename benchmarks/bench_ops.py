@@ -717,9 +717,11 @@ def write_plots(results: dict[str, Any], output: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    # One panel per tier that ran: a decode-only run gets no empty prefill panel.
+    tiers = [tier for tier in TIERS if any(case["tier"] == tier for case in results["cases"])]
     for metric, label, suffix in (("time", "median time (ms)", "time"), ("memory", "peak RSS growth (MiB)", "memory")):
-        figure, axes = plt.subplots(1, len(TIERS), figsize=(11, 4.2))
-        for axis, tier in zip(axes, TIERS):
+        figure, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4.2), squeeze=False)
+        for axis, tier in zip(axes[0], tiers):
             for path, marker in zip(PATHS, ("o", "s")):
                 points = []
                 for tokens in results["settings"]["sizes"][tier]:

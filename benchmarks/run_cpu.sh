@@ -8,15 +8,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
 PYTHON=${PYTHON:-python}
 
-# Operators, one attention layer: prefill (one timed call after a warm-up) and decode (median of 3).
+# Operators, one attention layer: prefill (one timed call after a warm-up) and decode (median of 20).
 "$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers prefill --prefill-tokens 4096 8192 16384 32768 \
     --repeats 1 --plot --output "$OUT/ops-smollm2-135m-prefill.json"
 "$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers prefill --prefill-tokens 65536 \
     --repeats 1 --output "$OUT/ops-smollm2-135m-prefill-64k.json"
-"$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers decode --plot --output "$OUT/ops-smollm2-135m-decode.json"
+"$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers decode --repeats 20 --plot --output "$OUT/ops-smollm2-135m-decode.json"
 "$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers prefill --prefill-tokens 4096 8192 \
     --repeats 1 --plot --output "$OUT/ops-qwen3-4b-prefill.json"
-"$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers decode --plot --output "$OUT/ops-qwen3-4b-decode.json"
+"$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers decode --repeats 20 --plot --output "$OUT/ops-qwen3-4b-decode.json"
 
 # A converted model: ms per generated token after 8k to 32k tokens of context, and prefill; then the
 # same decode at SmolLM2-135M's full depth of 30 layers (no prefill timing).
