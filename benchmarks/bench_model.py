@@ -81,8 +81,8 @@ def fill_cache(model: torch.nn.Module, context: torch.Tensor, is_dsa: bool, kind
     """Run the context through the model once; return the cache and the next token (greedy).
 
     A "static" cache is preallocated for the context and `steps` new tokens, so a decode step writes one
-    position in place; a "dynamic" cache grows by concatenation, copying every layer's keys and values
-    on each step.
+    position in place. A "dynamic" cache grows by concatenation, which copies every layer's keys and
+    values on each step.
     """
     if kind == "static":
         cache: Cache = StaticCache(config=model.config, max_cache_len=context.shape[1] + steps)

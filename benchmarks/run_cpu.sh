@@ -18,7 +18,7 @@ PYTHON=${PYTHON:-python}
     --repeats 1 --plot --output "$OUT/ops-qwen3-4b-prefill.json"
 "$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers decode --repeats 20 --plot --output "$OUT/ops-qwen3-4b-decode.json"
 
-# A converted model: ms per generated token after 8k to 32k tokens of context, and prefill; then the
+# A converted model: ms per generated token after 8k to 32k tokens of context, and prefill. Then the
 # same decode at SmolLM2-135M's full depth of 30 layers (no prefill timing).
 "$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 4 --output "$OUT/model-smollm2-135m.json"
 "$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 30 --prefill_tokens \

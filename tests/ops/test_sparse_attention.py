@@ -187,7 +187,7 @@ def test_heads_first_cache_layout_read_in_place():
 @pytest.mark.parametrize("queries", [1, 9], ids=["decode", "prefill"])
 def test_static_cache_buffer_read_in_place(queries):
     # A static cache hands attention the first S positions of a [B, HKV, S_max, D] buffer. Its unfilled
-    # tail holds NaN here: reading it would poison the output.
+    # tail is NaN here, so reading it would poison the output.
     batch, keys, kv_heads, head_dim, capacity = 2, 40, 3, 16, 64
     q, k, v = _qkv(batch, queries, keys, 6, kv_heads, head_dim, seed=13)
     views = []

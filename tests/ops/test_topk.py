@@ -243,7 +243,7 @@ def test_no_ties_skip_general_rule(monkeypatch, queries):
 
 
 def _spy_sampled(monkeypatch):
-    """Record whether each `_sampled_topk` call answered (True) or fell back (False)."""
+    """Record whether each `_sampled_topk` call returned a selection (True) or fell back (False)."""
     outcomes = []
     sampled = topk_torch_module._sampled_topk
 
@@ -273,8 +273,8 @@ def test_sampled_decode_selection_equals_reference(monkeypatch, levels):
 
 
 def test_sampled_selection_falls_back_when_the_sample_misleads(monkeypatch):
-    # Only the sampled positions (every SAMPLE_STRIDE-th key) score high, so fewer than top_k keys reach
-    # the sample's bound; equal scores everywhere make every key a candidate. Both fall back to topk.
+    # When only the sampled positions (every SAMPLE_STRIDE-th key) score high, fewer than top_k keys reach
+    # the sample's bound. When all scores are equal, every key is a candidate. Both fall back to topk.
     outcomes = _spy_sampled(monkeypatch)
     keys, top_k = 4096, 64
     for name, scores in (

@@ -106,7 +106,7 @@ def indexer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if cache is not None:
         layer = _indexed_cache_layer(cache, state.layer_idx)
         if isinstance(layer, StaticIndexedLayer):
-            # A static layer returns its whole preallocated buffer; the tokens filled so far come first.
+            # A static layer returns its whole preallocated buffer, whose first positions hold the tokens so far.
             state.filled_keys = int(layer.get_seq_length()) + queries
             if state.filled_keys > layer.max_cache_len:
                 raise ValueError(
@@ -206,7 +206,7 @@ def dsa_attention_forward(
     q_idx, k_idx, weights = state.indexer_inputs
     state.indexer_inputs = None
     if state.filled_keys is not None and state.filled_keys < key.shape[2]:
-        # A static cache passes its whole buffer; only the first filled_keys positions hold tokens.
+        # A static cache passes its whole buffer, and only its first filled_keys positions contain tokens.
         filled = state.filled_keys
         key, value, k_idx = key[:, :, :filled], value[:, :, :filled], k_idx[:, :filled]
         if attention_mask is not None and attention_mask.shape[-1] > filled:

@@ -139,11 +139,10 @@ def _sampled_topk(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
     """Return topk's (values, indices) [B, Tc, count] for a few long rows, or None to fall back.
 
     A full `topk` over S' keys per row costs about as much as scoring them. Instead, the k-th largest of
-    every SAMPLE_STRIDE-th score, with k sized for about SAMPLE_MARGIN * count candidates in the row,
-    bounds the row from below: every key at or above the row's count-th largest score is at or above
-    that bound whenever at least `count` keys are. The exact topk then runs on those candidates only.
-    Rows where fewer than `count` keys reach the bound, or too many do, return None, and the caller
-    runs the full topk, so the result never depends on the sample.
+    every SAMPLE_STRIDE-th score is a lower bound, with k sized for about SAMPLE_MARGIN * count keys at
+    or above it. When at least `count` keys reach the bound, the row's top `count` are among them, so the
+    exact topk runs on those candidates only. When fewer or too many keys reach it, this returns None
+    and the caller runs the full topk, so the result never depends on the sample.
     """
     batch, tile, span = scores.shape
     rows = scores.reshape(batch * tile, span)
