@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 import dsa
 from dsa.evaluation.passkey import build_passkey_prompt
@@ -55,8 +55,12 @@ def load(model_name: str, adapter: str, top_k: int | None):
 
 @torch.no_grad()
 def generate_timed(model, prompt: torch.Tensor, max_new_tokens: int, label: str) -> dict:
-    """Greedy decoding with separate prefill and per-token timings; returns tokens, times and key counts."""
-    cache = DynamicCache(config=model.config)
+    """Greedy decoding with separate prefill and per-token timings; returns tokens, times and key counts.
+
+    The cache is preallocated for the prompt and the new tokens, so a step writes in place instead of
+    copying every layer's keys and values as a growing DynamicCache would.
+    """
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + max_new_tokens)
     started = time.perf_counter()
     logits = model(prompt, cache=cache, use_cache=True).logits[:, -1]
     prefill = time.perf_counter() - started
