@@ -55,7 +55,7 @@ def load(model_name: str, adapter: str, top_k: int | None):
 
 @torch.no_grad()
 def generate_timed(model, prompt: torch.Tensor, max_new_tokens: int, label: str) -> dict:
-    """Greedy decoding with separate prefill and per-token timings; returns tokens, times and key counts.
+    """Decode greedily, timing prefill and each step apart; return tokens, times and key counts.
 
     The cache is preallocated for the prompt and the new tokens, so a step writes in place instead of
     copying every layer's keys and values as a growing DynamicCache would.

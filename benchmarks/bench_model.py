@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for context in tqdm(args.contexts, desc="decode", unit="context", file=sys.stderr):
             ids = torch.randint(0, vocab, (1, context), generator=generator)
             row: dict[str, Any] = {"context": context}
-            # One fill serves both paths: in warm-up mode the DSA copy computes dense attention, so its
+            # One fill serves both paths. In warm-up mode the DSA copy computes dense attention, so its
             # keys and values are the dense model's, and it also stores the indexer keys.
             filled, token = fill_cache(sparse, ids, True, args.cache, args.steps)
             for name, model, is_dsa in (("dense", dense, False), ("dsa", sparse, True)):

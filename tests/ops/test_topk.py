@@ -257,7 +257,7 @@ def _spy_sampled(monkeypatch):
 
 
 @pytest.mark.parametrize("levels", [None, 7], ids=["distinct", "tied"])
-def test_sampled_decode_selection_equals_reference(monkeypatch, levels):
+def test_sampled_decode_equals_reference(monkeypatch, levels):
     # Decode rows with keys >= SAMPLED_MIN_SPAN * top_k take the sampled-threshold path. With scores
     # rounded to a few levels, many keys tie the boundary and the lowest-index rule decides.
     outcomes = _spy_sampled(monkeypatch)
@@ -272,7 +272,7 @@ def test_sampled_decode_selection_equals_reference(monkeypatch, levels):
     assert torch.equal(actual, expected)
 
 
-def test_sampled_selection_falls_back_when_the_sample_misleads(monkeypatch):
+def test_sampled_topk_falls_back(monkeypatch):
     # When only the sampled positions (every SAMPLE_STRIDE-th key) score high, fewer than top_k keys reach
     # the sample's bound. When all scores are equal, every key is a candidate. Both fall back to topk.
     outcomes = _spy_sampled(monkeypatch)

@@ -43,8 +43,8 @@ class LayerState:
     indexer_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # Indexer loss of the last training-mode forward (scalar), collected by the model-level hook.
     loss: torch.Tensor | None = None
-    # With a static cache: how many leading positions of its preallocated buffers hold tokens after this
-    # forward. None for a dynamic cache, whose tensors hold exactly the tokens.
+    # Number of leading positions of a static cache's preallocated buffers that contain tokens after this
+    # forward. None for a dynamic cache, whose tensors contain exactly the tokens.
     filled_keys: int | None = None
     # Keys each query attended in the last forward, [B, T] int64.
     keys_per_query: torch.Tensor | None = None

@@ -23,7 +23,7 @@ def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     head_dim = x.shape[-1]
     # A dimension of size 1 is only ever indexed at 0, so its stride does not matter.
     strides = [0 if size == 1 else stride for size, stride in zip(x.shape[:3], x.stride()[:3])]
-    if x.stride(-1) == 1 or head_dim == 1:
+    if x.numel() > 0 and (x.stride(-1) == 1 or head_dim == 1):
         if all(stride % head_dim == 0 for stride in strides):
             row_strides = tuple(stride // head_dim for stride in strides)
             rows = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:3], row_strides))

@@ -130,7 +130,7 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
 FEW_ROWS = 8
 # A row needs at least this many times `count` keys before sampling pays off.
 SAMPLED_MIN_SPAN = 8
-# Every SAMPLE_STRIDE-th score forms the sample; its threshold aims at SAMPLE_MARGIN times `count` candidates.
+# Every SAMPLE_STRIDE-th score forms the sample, whose bound aims at SAMPLE_MARGIN times `count` candidates.
 SAMPLE_STRIDE = 16
 SAMPLE_MARGIN = 1.25
 
