@@ -1,4 +1,5 @@
-"""The `dsa` command: `dsa train ...` (indexer warm-up and sparse fine-tuning) and `dsa eval ...`."""
+"""The `dsa` command: `dsa train ...` (indexer warm-up and sparse fine-tuning), `dsa eval ...` and
+`dsa layers ...`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ INPUT_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryErr
 COMMANDS = {
     "train": "train the indexer (--stage warmup) or fine-tune with sparse attention (--stage sparse)",
     "eval": "compare dense attention, the attention-mass oracle and DSA: perplexity, recall, passkey",
+    "layers": "rank layers by the perplexity sparse attention costs there, to choose dense_layers",
 }
 
 
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from dsa.evaluation.main import main as eval_main
 
         return eval_main(rest)
+    if command == "layers":
+        from dsa.evaluation.layers import main as layers_main
+
+        return layers_main(rest)
     print(f"dsa: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
