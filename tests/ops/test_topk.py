@@ -289,3 +289,50 @@ def test_sampled_topk_falls_back(monkeypatch):
         chosen[indices[0, 0]] = True
         expected = topk_torch_module._choose(scores, torch.ones_like(scores, dtype=torch.bool), None, top_k)[0, 0]
         assert torch.equal(chosen, expected), name
+
+
+def _spy_sampled_select(monkeypatch):
+    """Record whether each `_sampled_select` call returned a selection (True) or fell back (False)."""
+    outcomes = []
+    sampled = topk_torch_module._sampled_select
+
+    def spy(scores, count):
+        found = sampled(scores, count)
+        outcomes.append(found is not None)
+        return found
+
+    monkeypatch.setattr(topk_torch_module, "_sampled_select", spy)
+    return outcomes
+
+
+@pytest.mark.parametrize("levels", [None, 7], ids=["distinct", "tied"])
+def test_sampled_prefill_equals_reference(monkeypatch, levels):
+    # Prefill chunks whose keys reach SAMPLED_MIN_SPAN * top_k take the many-row sampled path. Random
+    # signed inputs leave some rows with fewer than top_k positive scores, so their k-th largest is a
+    # tie at 0; with scores rounded to a few levels, ties are everywhere. Tied rows follow the tie rule.
+    outcomes = _spy_sampled_select(monkeypatch)
+    tie_rows = []
+    choose = topk_torch_module._choose
+    monkeypatch.setattr(topk_torch_module, "_choose", lambda scores, *args: tie_rows.append(scores.shape[1]) or choose(scores, *args))
+    q, k, w = _inputs(1, 96, 1200, seed=22)
+    if levels is not None:
+        k = (k * levels).round() / levels
+        q = (q * levels).round() / levels
+    expected = select_topk_reference(q, k, w, 64, q_start=1200 - 96)
+    actual = select_topk_torch(q, k, w, 64, q_start=1200 - 96, chunk_size=32)
+    assert torch.equal(actual, expected)
+    assert outcomes == [True] * 3
+    # Some rows, not whole chunks, went through the tie rule.
+    assert len(tie_rows) == 3 and all(0 < rows < 32 for rows in tie_rows)
+
+
+def test_sampled_select_falls_back():
+    # Rows whose high scores sit only at the sampled positions admit too few candidates; rows of equal
+    # scores admit every key; a row whose sample holds -inf (masked keys) has no usable bound.
+    keys, top_k, stride = 4096, 64, topk_torch_module.SAMPLE_STRIDE
+    misleading = torch.arange(keys).remainder(stride).eq(0).float() * 10 + torch.rand(keys)
+    masked = torch.rand(keys)
+    masked[: keys - 100] = float("-inf")
+    for name, row in (("sample misleads", misleading), ("all equal", torch.ones(keys)), ("masked", masked)):
+        scores = torch.stack([torch.rand(keys), row]).view(1, 2, keys)
+        assert topk_torch_module._sampled_select(scores, top_k) is None, name

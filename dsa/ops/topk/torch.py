@@ -102,6 +102,10 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
     span = scores.shape[-1]
     count = min(width, span)
     few_rows = scores.shape[0] * scores.shape[1] <= FEW_ROWS
+    if not few_rows and span >= SAMPLED_MIN_SPAN * count:
+        ascending = _sampled_select(scores, count)
+        if ascending is not None:
+            return ascending if count == width else torch.nn.functional.pad(ascending, (0, width - count), value=-1)
     found = _sampled_topk(scores, count) if few_rows and span >= SAMPLED_MIN_SPAN * count else None
     values, indices = found if found is not None else scores.topk(count, dim=-1, sorted=False)
     kth = values.amin(dim=-1, keepdim=True)
@@ -160,6 +164,48 @@ def _sampled_topk(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
         row_values, picked = rows[row, candidates].topk(count, sorted=False)
         values[row], indices[row] = row_values, candidates[picked]
     return values.view(batch, tile, count), indices.view(batch, tile, count)
+
+
+def _sampled_select(scores: torch.Tensor, count: int) -> torch.Tensor | None:
+    """Return ascending indices [B, Tc, count] of each row's `count` largest scores, or None to fall back.
+
+    The many-row counterpart of `_sampled_topk` (prefill chunks): a `topk` over all S' keys of a row
+    costs several times the row's scores. The bound from every SAMPLE_STRIDE-th score admits about
+    SAMPLE_MARGIN * count candidates per row; the k-th largest score is found among those, and the keys
+    at or above it, listed in key order, are the selection. A row where other keys tie the k-th largest
+    score follows the tie rule (`_choose`) on its full row. Returns None, so that the caller runs the
+    full `topk`, when a bound admits fewer than `count` or more than half of a row's keys, or when a
+    row's sample bound is -inf (too many invisible keys).
+    """
+    batch, tile, span = scores.shape
+    rows = scores.reshape(batch * tile, span)
+    sample = rows[:, ::SAMPLE_STRIDE]
+    rank = min(sample.shape[1], int(SAMPLE_MARGIN * count / SAMPLE_STRIDE) + 16)
+    bound = sample.topk(rank, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    if bool(torch.isneginf(bound).any()):
+        return None
+    candidates = (rows >= bound).nonzero()  # [N, 2] (row, key), rows ascending, keys ascending within a row
+    row_of, key_of = candidates[:, 0], candidates[:, 1]
+    counts = torch.bincount(row_of, minlength=rows.shape[0])
+    if int(counts.min()) < count or int(counts.max()) > span // 2:
+        return None
+    values = rows[row_of, key_of]
+    # Candidates packed into [N, widest] (-inf padding), to find each row's k-th largest.
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(values.numel(), device=scores.device) - starts.repeat_interleave(counts)
+    packed = torch.full((rows.shape[0], int(counts.max())), float("-inf"), dtype=values.dtype, device=scores.device)
+    packed[row_of, slot] = values
+    kth = packed.topk(count, dim=-1, sorted=False).values.amin(dim=-1)
+    keep = values >= kth[row_of]
+    tied = torch.bincount(row_of[keep], minlength=rows.shape[0]) != count
+    if not bool(tied.any()):
+        return key_of[keep].view(batch, tile, count)
+    # Rows where several keys equal the k-th largest score follow the tie rule on their full row.
+    out = torch.empty(rows.shape[0], count, dtype=torch.int64, device=scores.device)
+    out[~tied] = key_of[keep & ~tied[row_of]].view(-1, count)
+    tied_rows = rows[tied].unsqueeze(0)
+    out[tied] = _ascending_indices(_choose(tied_rows, ~torch.isneginf(tied_rows), None, count), count)[0]
+    return out.view(batch, tile, count)
 
 
 def _torch_scores(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first_position: int) -> torch.Tensor:
