@@ -37,19 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt_file", default=str(DEFAULT_TEXT), help="UTF-8 text used as the long context.")
     parser.add_argument("--context_tokens", type=int, default=3000, help="Prompt length in tokens, including the hidden fact and the question.")
     parser.add_argument("--top_k", type=int, help="Keys each query attends to (default: the adapter's top_k).")
+    parser.add_argument("--dense_layers", type=int, nargs="*",
+                        help="Layer indices that keep dense attention; give the flag alone for none (default: the adapter's dense_layers).")
     parser.add_argument("--depth", type=float, default=0.3, help="Where the fact is hidden, as a fraction of the context (0 = start, 1 = end).")
     parser.add_argument("--max_new_tokens", type=int, default=12, help="Tokens to generate.")
     parser.add_argument("--seed", type=int, default=1234, help="Seed of the hidden pass key.")
     return parser
 
 
-def load(model_name: str, adapter: str, top_k: int | None):
+def load(model_name: str, adapter: str, top_k: int | None, dense_layers: list[int] | None = None):
     path = dsa.default_model_path() if model_name == "default" else Path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dsa.load_indexer(model, adapter)
     if top_k is not None:
         dsa.update_config(model, top_k=top_k)
+    if dense_layers is not None:
+        dsa.update_config(model, dense_layers=dense_layers)
     return model, tokenizer
 
 
@@ -81,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logger.info("Loading %s with the indexer adapter %s", args.model, args.adapter)
-    model, tokenizer = load(args.model, args.adapter, args.top_k)
-    top_k = dsa.get_runtime(model).config.top_k
+    model, tokenizer = load(args.model, args.adapter, args.top_k, args.dense_layers)
+    runtime = dsa.get_runtime(model)
+    top_k, dense_layers = runtime.config.top_k, list(runtime.config.dense_layers)
 
     key = str(random.Random(args.seed).randrange(10000, 99999))
     text = Path(args.prompt_file).read_text(encoding="utf-8")
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     context = prompt.shape[1]
     print()
     print(f"hidden pass key: {key}    context: {context} tokens    top_k: {top_k}")
+    layers = len(runtime.layers)
+    print(f"sparse layers: {layers - len(dense_layers)} of {layers}" + (f" (dense: {dense_layers})" if dense_layers else ""))
     for mode, label in (("sparse", "DSA  "), ("dense", "dense")):
         result = results[mode]
         answer = tokenizer.decode(result["tokens"]).strip().replace("\n", " ")

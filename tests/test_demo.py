@@ -20,8 +20,22 @@ def test_demo_runs_end_to_end_on_tiny_model(tiny_checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "context: 300 tokens    top_k: 32" in printed
     assert "keys attended per decoded token (DSA): 32-32 of 300-302" in printed
+    assert "sparse layers: 2 of 2\n" in printed
     assert re.search(r"^DSA\s+answer: ", printed, re.MULTILINE)
     assert re.search(r"^dense\s+answer: ", printed, re.MULTILINE)
+
+
+def test_demo_dense_layers_option(tiny_checkpoint, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=32, dense_layers=[1]))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    common = ["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--context_tokens", "300", "--max_new_tokens", "2"]
+    assert demo.main(common) == 0
+    assert "sparse layers: 1 of 2 (dense: [1])" in capsys.readouterr().out
+    assert demo.main([*common, "--dense_layers"]) == 0
+    assert "sparse layers: 2 of 2\n" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="dense_layers"):
+        demo.main([*common, "--dense_layers", "5"])
 
 
 def test_demo_rejects_too_long_context(tiny_checkpoint, tmp_path):
