@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dsa
@@ -11,6 +12,7 @@ from dsa.evaluation.layers import main as layers_main
 @pytest.fixture(scope="module")
 def converted(tiny_checkpoint):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    torch.manual_seed(0)
     dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=16), indexer_trained=True)
     return model, AutoTokenizer.from_pretrained(tiny_checkpoint)
 
@@ -31,7 +33,8 @@ def test_scan_ranks_layers_and_ends_dense(converted, text_file):
     reference = evaluate(model, tokenizer, text, EvalSettings(context_lengths=[64], top_ks=[8], windows=1, passkey_trials=0), show_progress=False)
     assert curve[0]["perplexity"] == pytest.approx(reference["lengths"]["64"]["top_k=8"]["dsa"]["perplexity"], rel=1e-6)
     assert result["dense"] == pytest.approx(reference["lengths"]["64"]["dense"]["perplexity"], rel=1e-6)
-    assert curve[0]["excess"] > 0
+    # Sparse attention changes a random model's perplexity, in either direction.
+    assert abs(curve[0]["excess"]) > 1e-6
     # The model's own settings come back after the scan.
     runtime = dsa.get_runtime(model)
     assert runtime.config.top_k == 16 and runtime.config.dense_layers == [] and runtime.mode == "sparse"
