@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce adapters/smollm2-135m: indexer warm-up of the embedded SmolLM2-135M-Instruct on War and Peace,
-# 200 steps of one 2048-token sequence, one CPU process, then a bf16 copy of the adapter.
+# 200 steps of one 2048-token sequence, one CPU process, then a bf16 copy of the adapter with the five
+# dense layers chosen by `dsa layers`.
 # About 45 minutes on an idle 2-core CPU (13 s per step). Extra arguments go to `dsa train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,9 @@ import dsa
 
 model = AutoModelForCausalLM.from_pretrained(dsa.default_model_path(), dtype=torch.float32)
 dsa.load_indexer(model, sys.argv[1])
+# The layers whose sparse attention costs the most perplexity on the training text (`dsa layers`,
+# docs/results.md) keep dense attention.
+dsa.update_config(model, dense_layers=[0, 7, 17, 18, 20])
 print(dsa.save_indexer(model, sys.argv[2], dtype=torch.bfloat16))
 PY
 cp "$OUTPUT/trainer_state.json" "$ADAPTER/"
