@@ -217,32 +217,29 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
                 keep.scatter_(1, position[slot_keys], True)
                 keep = keep[:, :width]  # [Tq, U]
                 k_sel, v_sel = k_heads.index_select(1, union), v_heads.index_select(1, union)  # [HKV, U, D]
-            if lse is None:
-                # [H, Tq, D] -> [Tq, H, D]
-                out[b, start:stop] = _fused_tile(q[b, start:stop].transpose(0, 1), k_sel, v_sel, keep, scale).transpose(0, 1).to(q.dtype)
-                continue
             # [Tq, H, D] -> [HKV, Tq * G, D], rows ordered (t, g)
             q_tile = q[b, start:stop].reshape(tile, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, tile * groups, head_dim)
-            tile_out, tile_lse = _unfused_tile(q_tile.float(), k_sel.float(), v_sel.float(), keep, groups, scale)
-            lse[b, start:stop] = tile_lse.permute(1, 0, 2).reshape(tile, heads)
+            if lse is None:
+                tile_out = _fused_tile(q_tile, k_sel, v_sel, keep, groups, scale)
+            else:
+                tile_out, tile_lse = _unfused_tile(q_tile.float(), k_sel.float(), v_sel.float(), keep, groups, scale)
+                lse[b, start:stop] = tile_lse.permute(1, 0, 2).reshape(tile, heads)
             # [HKV, Tq * G, D] -> [Tq, HKV, G, D] -> [Tq, H, D]
             out[b, start:stop] = tile_out.view(kv_heads, tile, groups, head_dim).permute(1, 0, 2, 3).reshape(tile, heads, head_dim).to(q.dtype)
     return out, lse
 
 
-def _fused_tile(q_heads, k_sel, v_sel, keep, scale: float) -> torch.Tensor:
-    """Return out [H, Tq, D] (fp32) of SDPA for q_heads [H, Tq, D] over k_sel, v_sel [HKV, U, D].
+def _fused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> torch.Tensor:
+    """Return out [HKV, Tq * G, D] (fp32) of SDPA for q_tile [HKV, Tq * G, D] over k_sel, v_sel [HKV, U, D].
 
-    Query t may attend union key u when keep[t, u]. One [Tq, U] mask serves every head, since SDPA's
-    grouped-query mode maps query head h to key head h // G; a mask repeated per head costs more.
-    A query without keys gets 0.
+    Query t may attend union key u when keep[t, u]. A query without keys gets 0.
     """
+    mask = keep.repeat_interleave(groups, dim=0)  # [Tq * G, U], rows ordered (t, g)
     dtype = torch.float32
     tile_out = torch.nn.functional.scaled_dot_product_attention(
-        q_heads.to(dtype).unsqueeze(0), k_sel.to(dtype).unsqueeze(0), v_sel.to(dtype).unsqueeze(0),
-        attn_mask=keep, scale=scale, enable_gqa=True,
+        q_tile.to(dtype).unsqueeze(0), k_sel.to(dtype).unsqueeze(0), v_sel.to(dtype).unsqueeze(0), attn_mask=mask, scale=scale
     )[0]
-    empty = ~keep.any(dim=-1)
+    empty = ~mask.any(dim=-1)
     if bool(empty.any()):
         # SDPA returns NaN for a row whose keys are all masked out.
         tile_out[:, empty] = 0.0
