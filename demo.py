@@ -1,7 +1,7 @@
 """DSA on a real model: hide a fact in a long real text, ask for it, answer with sparse attention.
 
 Run `python demo.py` with no arguments: it loads the embedded SmolLM2-135M-Instruct and the indexer
-adapter shipped in adapters/, builds a prompt of several thousand tokens of Poe (held-out text the
+adapter shipped in adapters/, builds a prompt of 3000 tokens of Poe (held-out text the
 indexer never saw) with a pass key hidden in it, and generates the answer twice, with DSA and with dense
 attention. It prints both answers, how many keys each decoded token attended against the context
 length, and the prefill and per-token times of both.
@@ -35,13 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default", help="Model folder, or 'default' for the embedded SmolLM2-135M-Instruct.")
     parser.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="Indexer adapter folder (dsa.save_indexer / dsa train output).")
     parser.add_argument("--prompt_file", default=str(DEFAULT_TEXT), help="UTF-8 text used as the long context.")
-    parser.add_argument("--context_tokens", type=int, default=3000, help="Prompt length in tokens, including the hidden fact and the question.")
+    parser.add_argument("--context_tokens", type=int, default=3000, help="Prompt length in tokens, including the hidden fact and the question (default: %(default)s).")
     parser.add_argument("--top_k", type=int, help="Keys each query attends to (default: the adapter's top_k).")
     parser.add_argument("--dense_layers", type=int, nargs="*",
                         help="Layer indices that keep dense attention; give the flag alone for none (default: the adapter's dense_layers).")
-    parser.add_argument("--depth", type=float, default=0.3, help="Where the fact is hidden, as a fraction of the context (0 = start, 1 = end).")
-    parser.add_argument("--max_new_tokens", type=int, default=12, help="Tokens to generate.")
-    parser.add_argument("--seed", type=int, default=1234, help="Seed of the hidden pass key.")
+    parser.add_argument("--depth", type=float, default=0.3, help="Where the fact is hidden, as a fraction of the context from 0 (start) to 1 (end) (default: %(default)s).")
+    parser.add_argument("--max_new_tokens", type=int, default=12, help="Tokens to generate, at least 1 (default: %(default)s).")
+    parser.add_argument("--seed", type=int, default=1234, help="Seed of the hidden pass key (default: %(default)s).")
     return parser
 
 
@@ -83,6 +83,10 @@ def generate_timed(model, prompt: torch.Tensor, max_new_tokens: int, label: str)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens} is invalid; expected at least 1 token.")
+    if not 0.0 <= args.depth <= 1.0:
+        raise ValueError(f"--depth {args.depth} is invalid; expected a fraction from 0 (start) to 1 (end).")
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logger.info("Loading %s with the indexer adapter %s", args.model, args.adapter)
     model, tokenizer = load(args.model, args.adapter, args.top_k, args.dense_layers)
@@ -113,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         found = "found" if key in answer else "not found"
         print(f"{label} answer: {answer!r} ({found})")
     keys = results["sparse"]["keys"]
-    print(f"keys attended per decoded token (DSA): {min(keys)}-{max(keys)} of {context}-{context + len(keys) - 1} in context "
-          f"({100 * max(keys) / context:.1f}%)")
+    if keys:
+        print(f"keys attended per decoded token (DSA): {min(keys)}-{max(keys)} of {context}-{context + len(keys) - 1} in context "
+              f"({100 * max(keys) / context:.1f}%)")
+    else:
+        print("keys attended per decoded token (DSA): every key, since no layer is sparse")
     print(f"{'':6}{'prefill (s)':>12}{'per token (ms)':>16}")
     for mode, label in (("sparse", "DSA"), ("dense", "dense")):
         print(f"{label:6}{results[mode]['prefill_s']:>12.2f}{results[mode]['per_token_ms']:>16.1f}")
@@ -123,4 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dsa.cli import run_console
+
+    sys.exit(run_console(main, "demo.py"))

@@ -48,5 +48,32 @@ def test_demo_rejects_too_long_context(tiny_checkpoint, tmp_path):
         demo.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--prompt_file", str(short)])
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max_new_tokens", "0"], "--max_new_tokens 0 is invalid"),
+        (["--depth", "2"], "--depth 2.0 is invalid"),
+        (["--context_tokens", "10"], "use a length of at least"),
+    ],
+)
+def test_demo_rejects_bad_options(tiny_checkpoint, tmp_path, args, message):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=32))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=message):
+        demo.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), *args])
+
+
+def test_demo_without_sparse_layers(tiny_checkpoint, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=32))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    assert demo.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--context_tokens", "300",
+                      "--max_new_tokens", "2", "--dense_layers", "0", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "sparse layers: 0 of 2 (dense: [0, 1])" in printed
+    assert "every key, since no layer is sparse" in printed
+
+
 def test_shipped_text_is_long_enough():
     assert Path(demo.DEFAULT_TEXT).stat().st_size > 40000

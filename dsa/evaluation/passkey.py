@@ -21,11 +21,16 @@ def build_passkey_prompt(tokenizer, filler_ids: list[int], length: int, depth: f
     needle_ids = tokenizer(needle(key), add_special_tokens=False)["input_ids"]
     question_ids = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     budget = length - len(needle_ids) - len(question_ids)
-    if budget < 1 or len(filler_ids) < budget:
+    if budget < 1:
+        minimum = len(needle_ids) + len(question_ids) + 1
+        raise ValueError(f"a pass-key prompt of {length} tokens is too short for the needle and the question; use a length of at least {minimum} tokens.")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} is invalid; expected a fraction from 0 (start) to 1 (end).")
+    if len(filler_ids) < budget:
         raise ValueError(
             f"a pass-key prompt of {length} tokens needs {budget} filler tokens but the text has {len(filler_ids)}; "
             "use a longer text or a shorter length."
         )
     filler = filler_ids[:budget]
-    cut = int(min(max(depth, 0.0), 1.0) * len(filler))
+    cut = int(depth * len(filler))
     return torch.tensor(filler[:cut] + needle_ids + filler[cut:] + question_ids).unsqueeze(0)
