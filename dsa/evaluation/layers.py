@@ -17,7 +17,7 @@ import logging
 import math
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from dsa.evaluation.report import machine_info
 from dsa.integrations.hf.convert import get_runtime
 
 logger = logging.getLogger(__name__)
+
+KIND_LABELS = {"dsa": "DSA", "oracle": "oracle"}
 
 
 @dataclass
@@ -78,6 +80,7 @@ def scan_layers(model, tokenizer, text: str, settings: LayerScanSettings | None 
     base_dense = sorted(runtime.config.dense_layers)
     layers = [state.layer_idx for state in runtime.layers if state.layer_idx not in base_dense]
     settings.validate(len(layers))
+    settings = replace(settings, top_k=settings.top_k or runtime.config.top_k)
     token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = _windows(token_ids, settings.context_length, settings.windows)
     kinds = ("dsa", "oracle") if settings.oracle else ("dsa",)
@@ -110,12 +113,13 @@ def scan_layers(model, tokenizer, text: str, settings: LayerScanSettings | None 
                 perplexity = _perplexity(model, windows, settings)
                 curve.append({"dense_layers": chosen, "perplexity": perplexity, "excess": perplexity / dense - 1})
                 progress.update(1)
-                logger.info("%d dense layers %s: DSA perplexity %.3f (%+.2f%%)", count, chosen, perplexity, 100 * (perplexity / dense - 1))
+                logger.info("dense layers %s (%d added to the scan's base): DSA perplexity %.3f (%+.2f%%)",
+                            chosen, count, perplexity, 100 * (perplexity / dense - 1))
             result["curve"] = curve
     finally:
         runtime.mode, runtime.selection, runtime.measure_recall = saved[0], saved[1], saved[3]
         dsa.update_config(model, top_k=saved[2].top_k, dense_layers=list(saved[2].dense_layers))
-    result["top_k"] = settings.top_k or saved[2].top_k
+    result["top_k"] = settings.top_k
     return result
 
 
@@ -130,6 +134,10 @@ def markdown(result: dict[str, Any], command: str | None = None) -> str:
         "",
         "Keeping dense the layers with the largest single-layer excess, one more at a time:",
         "",
+    ]
+    if result["base_dense_layers"]:
+        lines += [f"Layers {result['base_dense_layers']} stay dense throughout (the model's `dense_layers`) and are not scanned.", ""]
+    lines += [
         "| dense layers | count | DSA perplexity | DSA excess |",
         "| --- | ---: | ---: | ---: |",
     ]
@@ -137,7 +145,7 @@ def markdown(result: dict[str, Any], command: str | None = None) -> str:
         lines.append(f"| {point['dense_layers'] or 'none'} | {len(point['dense_layers'])} | {point['perplexity']:.3f} | {100 * point['excess']:+.2f}% |")
     kinds = list(result["single_layer"])
     lines += ["", "Perplexity excess with only one layer sparse, by descending DSA excess:", "",
-              "| layer | " + " | ".join(f"{kind} excess" for kind in kinds) + " |",
+              "| layer | " + " | ".join(f"{KIND_LABELS[kind]} excess" for kind in kinds) + " |",
               "| ---: | " + " | ".join("---:" for _ in kinds) + " |"]
     for layer in result["ranking"]:
         lines.append(f"| {layer} | " + " | ".join(f"{100 * result['single_layer'][kind][layer]:+.2f}%" for kind in kinds) + " |")
@@ -149,6 +157,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     layers = result["sparse_layers"]
@@ -156,7 +165,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     width = 0.8 / len(kinds)
     for position, kind in enumerate(kinds):
         values = [100 * result["single_layer"][kind][layer] for layer in layers]
-        axes[0].bar([layer + (position - (len(kinds) - 1) / 2) * width for layer in layers], values, width, label=kind)
+        axes[0].bar([layer + (position - (len(kinds) - 1) / 2) * width for layer in layers], values, width, label=KIND_LABELS[kind])
     axes[0].set_xlabel("layer (the only sparse one)")
     axes[0].set_ylabel("perplexity excess over dense (%)")
     axes[0].set_title("Cost of making one layer sparse")
@@ -164,6 +173,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path:
     counts = [len(point["dense_layers"]) for point in result["curve"]]
     axes[1].plot(counts, [100 * point["excess"] for point in result["curve"]], "o-")
     axes[1].set_xlabel("dense layers (largest single-layer excess first)")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set_ylabel("DSA perplexity excess (%)")
     axes[1].set_title(f"Whole model at {result['settings']['context_length']} tokens, top_k {result['top_k']}")
     for axis in axes:
@@ -229,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "dsa layers " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))
     for path in write_scan(result, output, command):
         logger.info("Wrote %s", path)
-    best = result["curve"][-1]
-    print(f"dense {result['dense']:.3f}; DSA excess {100 * result['curve'][0]['excess']:+.2f}% with no dense layer, "
+    first, best = result["curve"][0], result["curve"][-1]
+    print(f"dense perplexity {result['dense']:.3f}; DSA excess {100 * first['excess']:+.2f}% with dense_layers={first['dense_layers']}, "
           f"{100 * best['excess']:+.2f}% with dense_layers={best['dense_layers']}")
     return 0
 

@@ -67,10 +67,12 @@ def test_cli_writes_json_markdown_and_plot(tiny_checkpoint, text_file, tmp_path)
     assert layers_main(args) == 0
     result = json.loads((output / "layers.json").read_text())
     assert len(result["curve"]) == 2
-    assert "| layer | dsa excess |" in (output / "layers.md").read_text()
+    assert "| layer | DSA excess |" in (output / "layers.md").read_text()
+    assert result["settings"]["top_k"] == 8
     assert (output / "layers.png").stat().st_size > 1000
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         layers_main(args)
     assert layers_main([*args, "--overwrite", "--dense_layers", "1", "--max_dense", "0"]) == 0
     result = json.loads((output / "layers.json").read_text())
     assert result["base_dense_layers"] == [1] and result["sparse_layers"] == [0]
+    assert "Layers [1] stay dense throughout" in (output / "layers.md").read_text()
