@@ -217,22 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsa.evaluation.main import load_converted_model
+    from dsa.evaluation.main import prepare_run
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output = Path(args.output_dir)
-    if (output / "layers.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{output / 'layers.json'} already exists; pass --overwrite or choose another --output_dir.")
-    data = Path(args.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"text file not found: {data}.")
-    model, tokenizer = load_converted_model(args.model_name_or_path, args.indexer_path)
-    if args.dense_layers is not None:
-        dsa.update_config(model, dense_layers=args.dense_layers)
+    model, tokenizer, text = prepare_run(args, "layers.json")
     settings = LayerScanSettings(context_length=args.context_length, top_k=args.top_k, windows=args.windows,
                                  max_dense=args.max_dense, oracle=args.oracle)
-    result = scan_layers(model, tokenizer, data.read_text(encoding="utf-8"), settings)
+    result = scan_layers(model, tokenizer, text, settings)
     result["machine"] = machine_info()
     result["model"] = args.model_name_or_path
     result["indexer_path"] = args.indexer_path

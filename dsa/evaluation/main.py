@@ -53,21 +53,29 @@ def load_converted_model(model_name_or_path: str, indexer_path: str | None):
     return model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def prepare_run(args: argparse.Namespace, result_name: str):
+    """Check the output folder and the text file of a `dsa eval` or `dsa layers` run, then return
+    (model, tokenizer, text) with `--dense_layers` applied. Sets up logging first."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    output = Path(args.output_dir)
-    if (output / "results.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{output / 'results.json'} already exists; pass --overwrite or choose another --output_dir.")
+    existing = Path(args.output_dir) / result_name
+    if existing.exists() and not args.overwrite:
+        raise FileExistsError(f"{existing} already exists; pass --overwrite or choose another --output_dir.")
     data = Path(args.data)
     if not data.is_file():
-        raise FileNotFoundError(f"evaluation text not found: {data}.")
+        raise FileNotFoundError(f"text file not found: {data}.")
     model, tokenizer = load_converted_model(args.model_name_or_path, args.indexer_path)
     if args.dense_layers is not None:
         dsa.update_config(model, dense_layers=args.dense_layers)
+    return model, tokenizer, data.read_text(encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    output = Path(args.output_dir)
+    model, tokenizer, text = prepare_run(args, "results.json")
     settings = EvalSettings(context_lengths=args.context_lengths, top_ks=args.top_k, windows=args.windows,
                             passkey_trials=args.passkey_trials, passkey_top_k=args.passkey_top_k, seed=args.seed)
-    results = evaluate(model, tokenizer, data.read_text(encoding="utf-8"), settings)
+    results = evaluate(model, tokenizer, text, settings)
     results["machine"] = machine_info()
     results["model"] = args.model_name_or_path
     results["indexer_path"] = args.indexer_path

@@ -22,7 +22,8 @@ def test_scan_ranks_layers_and_ends_dense(converted, text_file):
     text = text_file.read_text()
     result = scan_layers(model, tokenizer, text, LayerScanSettings(context_length=64, top_k=8, max_dense=2, oracle=True), show_progress=False)
     single = result["single_layer"]["dsa"]
-    assert sorted(single) == [0, 1] and sorted(result["single_layer"]["oracle"]) == [0, 1]
+    assert sorted(single) == [0, 1]
+    assert sorted(result["single_layer"]["oracle"]) == [0, 1]
     assert [single[layer] for layer in result["ranking"]] == sorted(single.values(), reverse=True)
     curve = result["curve"]
     assert [len(point["dense_layers"]) for point in curve] == [0, 1, 2]
@@ -37,7 +38,9 @@ def test_scan_ranks_layers_and_ends_dense(converted, text_file):
     assert abs(curve[0]["excess"]) > 1e-6
     # The model's own settings come back after the scan.
     runtime = dsa.get_runtime(model)
-    assert runtime.config.top_k == 16 and runtime.config.dense_layers == [] and runtime.mode == "sparse"
+    assert runtime.config.top_k == 16
+    assert runtime.config.dense_layers == []
+    assert runtime.mode == "sparse"
 
 
 def test_scan_keeps_configured_dense_layers(converted, text_file):
@@ -74,5 +77,6 @@ def test_cli_writes_json_markdown_and_plot(tiny_checkpoint, text_file, tmp_path)
         layers_main(args)
     assert layers_main([*args, "--overwrite", "--dense_layers", "1", "--max_dense", "0"]) == 0
     result = json.loads((output / "layers.json").read_text())
-    assert result["base_dense_layers"] == [1] and result["sparse_layers"] == [0]
+    assert result["base_dense_layers"] == [1]
+    assert result["sparse_layers"] == [0]
     assert "Layers [1] stay dense throughout" in (output / "layers.md").read_text()

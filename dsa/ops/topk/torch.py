@@ -171,7 +171,7 @@ def _sampled_select(scores: torch.Tensor, count: int) -> torch.Tensor | None:
 
     The many-row counterpart of `_sampled_topk` (prefill chunks): a `topk` over all S' keys of a row
     costs several times the row's scores. The bound from every SAMPLE_STRIDE-th score admits about
-    SAMPLE_MARGIN * count candidates per row; the k-th largest score is found among those, and the keys
+    SAMPLE_MARGIN * count candidates per row. The k-th largest score is found among those, and the keys
     at or above it, listed in key order, are the selection. A row where other keys tie the k-th largest
     score follows the tie rule (`_choose`) on its full row. Returns None, so that the caller runs the
     full `topk`, when a bound admits fewer than `count` or more than half of a row's keys, or when a
