@@ -327,8 +327,8 @@ def test_sampled_prefill_equals_reference(monkeypatch, levels):
 
 
 def test_sampled_select_falls_back():
-    # Rows whose high scores sit only at the sampled positions admit too few candidates; rows of equal
-    # scores admit every key; a row whose sample contains -inf (masked keys) has no usable bound.
+    # Three rows the bound cannot serve. High scores only at the sampled positions admit too few
+    # candidates, equal scores admit every key, and -inf in the sample (masked keys) gives no bound.
     keys, top_k, stride = 4096, 64, topk_torch_module.SAMPLE_STRIDE
     misleading = torch.arange(keys).remainder(stride).eq(0).float() * 10 + torch.rand(keys)
     masked = torch.rand(keys)
