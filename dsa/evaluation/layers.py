@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Local model folder, a converted model saved with save_pretrained, or 'default' for the embedded SmolLM2-135M-Instruct (default: %(default)s).")
     parser.add_argument("--indexer_path", help="Indexer adapter folder; required unless the model is already converted.")
     parser.add_argument("--data", required=True, help="Plain-text file (UTF-8) to measure perplexity on; use training text, not the evaluation text.")
-    parser.add_argument("--output_dir", required=True, help="Folder for layers.json, layers.md and layers.png; must not already hold layers.json.")
+    parser.add_argument("--output_dir", required=True, help="Folder for layers.json, layers.md and layers.png; must not already contain layers.json.")
     parser.add_argument("--context_length", type=int, default=2048, help="Tokens per window (default: %(default)s).")
     parser.add_argument("--top_k", type=int, help="Keys per query of the sparse layers (default: the adapter's top_k).")
     parser.add_argument("--windows", type=int, default=1, help="Windows of --context_length tokens pooled for perplexity (count, default: %(default)s).")

@@ -242,17 +242,17 @@ def test_no_ties_skip_general_rule(monkeypatch, queries):
     assert torch.equal(select_topk_torch(q, k, w, 32), select_topk_reference(q, k, w, 32))
 
 
-def _spy_sampled(monkeypatch):
-    """Record whether each `_sampled_topk` call returned a selection (True) or fell back (False)."""
+def _spy_sampled(monkeypatch, name="_sampled_topk"):
+    """Record whether each call of the sampled path `name` returned a selection (True) or fell back (False)."""
     outcomes = []
-    sampled = topk_torch_module._sampled_topk
+    sampled = getattr(topk_torch_module, name)
 
     def spy(scores, count):
         found = sampled(scores, count)
         outcomes.append(found is not None)
         return found
 
-    monkeypatch.setattr(topk_torch_module, "_sampled_topk", spy)
+    monkeypatch.setattr(topk_torch_module, name, spy)
     return outcomes
 
 
@@ -291,26 +291,12 @@ def test_sampled_topk_falls_back(monkeypatch):
         assert torch.equal(chosen, expected), name
 
 
-def _spy_sampled_select(monkeypatch):
-    """Record whether each `_sampled_select` call returned a selection (True) or fell back (False)."""
-    outcomes = []
-    sampled = topk_torch_module._sampled_select
-
-    def spy(scores, count):
-        found = sampled(scores, count)
-        outcomes.append(found is not None)
-        return found
-
-    monkeypatch.setattr(topk_torch_module, "_sampled_select", spy)
-    return outcomes
-
-
 @pytest.mark.parametrize("levels", [None, 7], ids=["distinct", "tied"])
 def test_sampled_prefill_equals_reference(monkeypatch, levels):
     # Prefill chunks whose keys reach SAMPLED_MIN_SPAN * top_k take the many-row sampled path. Random
     # signed inputs leave some rows with fewer than top_k positive scores, so their k-th largest is a
     # tie at 0; with scores rounded to a few levels, ties are everywhere. Tied rows follow the tie rule.
-    outcomes = _spy_sampled_select(monkeypatch)
+    outcomes = _spy_sampled(monkeypatch, "_sampled_select")
     tie_rows = []
     choose = topk_torch_module._choose
     monkeypatch.setattr(topk_torch_module, "_choose", lambda scores, *args: tie_rows.append(scores.shape[1]) or choose(scores, *args))
