@@ -4,8 +4,9 @@ The DSA path is `select_topk_torch` (lightning indexer scores and top-k selectio
 queries) followed by `sparse_attention_torch`; a prefill runs both per block of queries through
 `sparse_prefill_torch`, as converted models do without gradients. The dense path is PyTorch's
 `scaled_dot_product_attention` with causal masking and grouped-query attention. Both paths get random
-inputs: the indexer projections (hidden state -> q_idx, k_idx, weights) are not part of this
-operator-level benchmark.
+inputs, or with `--inputs real` the attention and indexer inputs of one layer of SmolLM2-135M-Instruct
+with the shipped indexer adapter, on real text. The indexer projections (hidden state -> q_idx, k_idx,
+weights) are not part of this operator-level benchmark.
 
 Every (path, size) case runs in a fresh child process, which runs one warm-up call, checks that call's
 output against the reference operators, then times `--repeats` calls and reports their times and the
@@ -34,6 +35,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,12 @@ QUICK_PREFILL_TOKENS: tuple[int, ...] = (1024, 2048)
 QUICK_DECODE_CACHE_TOKENS: tuple[int, ...] = (8192, 16384)
 TIERS: tuple[str, ...] = ("prefill", "decode")
 PATHS: tuple[str, ...] = ("dense", "dsa")
+INPUTS: tuple[str, ...] = ("random", "real")
+SCORE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# --inputs real: the default model with the shipped adapter reads this text; the layer must be sparse.
+DEFAULT_TEXT = REPO_ROOT.parent / "shared" / "data" / "poe.txt"
+DEFAULT_ADAPTER = REPO_ROOT / "adapters" / "smollm2-135m"
+DEFAULT_REAL_LAYER = 1
 
 BATCH = 1
 
@@ -102,6 +110,9 @@ RTOL = 1e-5
 # Index scores of the fast path and the reference differ by fp32 rounding, so two keys whose scores
 # differ by less than this (relative to the boundary score) may swap places at the top-k boundary.
 SCORE_TIE_TOLERANCE = 1e-5
+# With a bf16 score product, one logit may round to the neighbouring bf16 value (2**-8 of it) when
+# the two sides sum its fp32 terms in another order.
+BF16_SCORE_TIE_TOLERANCE = 2**-7
 
 # glibc grows its mmap threshold when large blocks are freed, after which freed buffers stay resident
 # and inflate the resident-set peak. A fixed threshold returns every block of 64 KiB or more on free.
@@ -134,6 +145,10 @@ class CaseSpec:
     repeats: int
     seed: int
     shape: str = "smollm2-135m"
+    score_dtype: str = "float32"
+    inputs: str = "random"
+    # --inputs real: the file of captured layer inputs for `tokens` tokens (see capture_real_inputs).
+    real_file: str | None = None
 
     @property
     def queries(self) -> int:
@@ -251,16 +266,40 @@ def dense_attention(inputs: CaseInputs) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def dsa_select(inputs: CaseInputs, top_k: int, chunk_size: int) -> torch.Tensor:
-    return select_topk_torch(
-        inputs.q_idx, inputs.k_idx, inputs.weights, top_k, q_start=inputs.q_start, chunk_size=chunk_size
+def load_real_inputs(path: str, queries: int) -> CaseInputs:
+    """Return the layer inputs captured in `path` (see capture_real_inputs), keeping the last `queries`
+    query rows: all of them for a prefill, the last token for a decode step."""
+    saved = torch.load(path)
+    rows = slice(saved["q"].shape[1] - queries, None)
+    return CaseInputs(
+        q=saved["q"][:, rows].contiguous(), k=saved["k"], v=saved["v"], q_idx=saved["q_idx"][:, rows].contiguous(),
+        k_idx=saved["k_idx"], weights=saved["weights"][:, rows].contiguous(),
     )
 
 
-def dsa_prefill(inputs: CaseInputs, top_k: int, chunk_size: int) -> torch.Tensor:
+def case_inputs(spec: CaseSpec) -> CaseInputs:
+    """Return a case's inputs. With a bf16 score product, k_idx is stored in bf16, as a converted model's
+    indexer key cache holds it (`DSAConfig.indexer_score_dtype`)."""
+    if spec.inputs == "real":
+        assert spec.real_file is not None
+        inputs = load_real_inputs(spec.real_file, spec.queries)
+    else:
+        inputs = make_inputs(SHAPES[spec.shape], spec.queries, spec.tokens, torch.Generator().manual_seed(spec.seed))
+    inputs.k_idx = inputs.k_idx.to(SCORE_DTYPES[spec.score_dtype])
+    return inputs
+
+
+def dsa_select(inputs: CaseInputs, top_k: int, chunk_size: int, score_dtype: str = "float32") -> torch.Tensor:
+    return select_topk_torch(
+        inputs.q_idx, inputs.k_idx, inputs.weights, top_k, q_start=inputs.q_start, chunk_size=chunk_size,
+        score_dtype=SCORE_DTYPES[score_dtype],
+    )
+
+
+def dsa_prefill(inputs: CaseInputs, top_k: int, chunk_size: int, score_dtype: str = "float32") -> torch.Tensor:
     out, _ = sparse_prefill_torch(
         inputs.q, inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), inputs.q_idx, inputs.k_idx, inputs.weights, top_k,
-        q_start=inputs.q_start, chunk_size=chunk_size,
+        q_start=inputs.q_start, chunk_size=chunk_size, score_dtype=SCORE_DTYPES[score_dtype],
     )
     return out
 
@@ -270,6 +309,70 @@ def dsa_attend(inputs: CaseInputs, indices: torch.Tensor, chunk_size: int) -> to
     return sparse_attention_torch(
         inputs.q, inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), indices, chunk_size=chunk_size
     )
+
+
+def capture_real_inputs(
+    token_counts: list[int], text: Path, layer: int, directory: Path, adapter: Path = DEFAULT_ADAPTER
+) -> dict[int, Path]:
+    """Run the default model with the shipped adapter over the first T tokens of `text`, for each T in
+    token_counts, and save layer `layer`'s attention inputs (q, k, v after RoPE) and indexer inputs
+    (q_idx, k_idx, weights) to `directory`. Returns the file of each T.
+
+    The model runs dense attention with the indexers on (warm-up mode, no gradients) and stops at that
+    layer, so the earlier layers cost one dense forward each.
+    """
+    from transformers import AttentionInterface
+
+    from dsa.evaluation.main import load_converted_model
+    from dsa.integrations.hf import attention as hf_attention
+
+    model, tokenizer = load_converted_model("default", str(adapter))
+    layers = model.config.num_hidden_layers
+    dense_layers = dsa.get_runtime(model).config.dense_layers
+    if not 0 <= layer < layers or layer in dense_layers:
+        raise SystemExit(
+            f"error: --real-layer {layer} is not a sparse layer of the adapter; choose one of 0-{layers - 1} "
+            f"outside its dense layers {dense_layers}."
+        )
+    token_ids = tokenizer(text.read_text(encoding="utf-8"))["input_ids"]
+    if max(token_counts) > len(token_ids):
+        raise SystemExit(
+            f"error: {text} has {len(token_ids)} tokens, fewer than the {max(token_counts)} asked for; choose "
+            "smaller --prefill-tokens or --decode-tokens, or a longer --text."
+        )
+    dsa.set_mode(model, "warmup")
+    captured: dict[str, torch.Tensor] = {}
+
+    class LayerCaptured(Exception):
+        pass
+
+    def capture(module, query, key, value, attention_mask, *args, **kwargs):
+        state = module.dsa_state
+        if state.layer_idx != layer:
+            return hf_attention.dsa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+        q_idx, k_idx, weights = state.indexer_inputs
+        captured.update(
+            q=query.transpose(1, 2).contiguous(), k=key.contiguous(), v=value.contiguous(),
+            q_idx=q_idx.contiguous(), k_idx=k_idx.contiguous(), weights=weights.contiguous(),
+        )
+        raise LayerCaptured
+
+    files: dict[int, Path] = {}
+    AttentionInterface.register(hf_attention.ATTENTION_NAME, capture)
+    try:
+        for tokens in tqdm(sorted(set(token_counts)), desc=f"capturing layer {layer} inputs", unit="length", file=sys.stderr):
+            ids = torch.tensor([token_ids[:tokens]])
+            try:
+                with torch.inference_mode():
+                    model(ids, use_cache=False)
+            except LayerCaptured:
+                pass
+            files[tokens] = directory / f"layer{layer}-{tokens}.pt"
+            torch.save({name: tensor.float() for name, tensor in captured.items()}, files[tokens])
+            captured.clear()
+    finally:
+        hf_attention.register()
+    return files
 
 
 # ---- correctness checks ------------------------------------------------------------------------------
@@ -294,16 +397,19 @@ def causal_index_rows(positions: list[int], width: int) -> torch.Tensor:
 
 
 def check_selected_row(
-    inputs: CaseInputs, row: int, top_k: int, selected: torch.Tensor
+    inputs: CaseInputs, row: int, top_k: int, selected: torch.Tensor, score_dtype: str = "float32"
 ) -> int:
     """Compare one row of select_topk_torch's output with select_topk_reference.
 
     Keys may differ only where their reference scores tie the boundary score within
-    SCORE_TIE_TOLERANCE. Returns how many keys were swapped that way.
+    SCORE_TIE_TOLERANCE (BF16_SCORE_TIE_TOLERANCE with a bf16 score product). Returns how many keys
+    were swapped that way.
     """
     position = inputs.q_start + row
     q_row, w_row = inputs.q_idx[:, row : row + 1], inputs.weights[:, row : row + 1]
-    expected = select_topk_reference(q_row, inputs.k_idx, w_row, top_k, q_start=position)[0, 0]
+    dtype = SCORE_DTYPES[score_dtype]
+    tolerance = SCORE_TIE_TOLERANCE if dtype == torch.float32 else BF16_SCORE_TIE_TOLERANCE
+    expected = select_topk_reference(q_row, inputs.k_idx, w_row, top_k, q_start=position, score_dtype=dtype)[0, 0]
     if torch.equal(expected, selected):
         return 0
 
@@ -317,11 +423,11 @@ def check_selected_row(
             f"{where}: {len(chosen_set)} keys chosen up to key {max(chosen_set)}; expected "
             f"{len(expected_set)} keys up to key {position}."
         )
-    scores = index_scores_reference(q_row, inputs.k_idx, w_row)[0, 0]
+    scores = index_scores_reference(q_row, inputs.k_idx, w_row, score_dtype=dtype)[0, 0]
     boundary = scores[sorted(expected_set)].min().item()
     swapped = sorted(expected_set ^ chosen_set)
     gap = (scores[swapped] - boundary).abs().max().item()
-    if gap > SCORE_TIE_TOLERANCE * max(1.0, abs(boundary)):
+    if gap > tolerance * max(1.0, abs(boundary)):
         raise CheckFailed(
             f"{where}: {len(swapped) // 2} of {len(expected_set)} keys differ from the reference, with scores up to "
             f"{gap:.3g} from the boundary score {boundary:.6g}, more than a rounding tie."
@@ -381,7 +487,7 @@ def check_dsa_case(
 
     rows = [row for row in sample_rows(spec) if row >= prefix]
     result["rows"] = rows
-    result["tie_swaps"] = sum(check_selected_row(inputs, row, spec.top_k, indices[0, row]) for row in rows)
+    result["tie_swaps"] = sum(check_selected_row(inputs, row, spec.top_k, indices[0, row], spec.score_dtype) for row in rows)
     expected = sparse_attention_reference(
         inputs.q[:, rows], inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), indices[:, rows]
     )
@@ -389,7 +495,7 @@ def check_dsa_case(
     return result
 
 
-def check_small_shapes(shape: LayerShape, top_k: int, chunk_size: int, seed: int) -> list[dict[str, Any]]:
+def check_small_shapes(shape: LayerShape, top_k: int, chunk_size: int, seed: int, score_dtype: str = "float32") -> list[dict[str, Any]]:
     """Compare both paths with the references on small prefill and decode shapes, or raise CheckFailed."""
     top_k = min(top_k, SMALL_CHECK_TOP_K)
     generator = torch.Generator().manual_seed(seed)
@@ -403,9 +509,9 @@ def check_small_shapes(shape: LayerShape, top_k: int, chunk_size: int, seed: int
         oracle = sparse_attention_reference(inputs.q, k_view, v_view, causal_index_rows(positions, SMALL_CHECK_TOKENS))
         dense_difference = assert_close(f"dense {name} vs the oracle", dense_attention(inputs), oracle)
 
-        indices = dsa_select(inputs, top_k, chunk_size)
+        indices = dsa_select(inputs, top_k, chunk_size, score_dtype)
         expected_indices = select_topk_reference(
-            inputs.q_idx, inputs.k_idx, inputs.weights, top_k, q_start=inputs.q_start
+            inputs.q_idx, inputs.k_idx, inputs.weights, top_k, q_start=inputs.q_start, score_dtype=SCORE_DTYPES[score_dtype]
         )
         if not torch.equal(indices, expected_indices):
             mismatched = (indices != expected_indices).any(dim=-1).sum().item()
@@ -465,22 +571,23 @@ def reset_peak_rss() -> bool:
 
 def run_case(spec: CaseSpec) -> dict[str, Any]:
     """Warm up, check, then time one case; return its times and resident-set growth."""
-    generator = torch.Generator().manual_seed(spec.seed)
-    inputs = make_inputs(SHAPES[spec.shape], spec.queries, spec.tokens, generator)
+    inputs = case_inputs(spec)
     fused = spec.path == "dsa" and spec.queries > 1
+    dtype = spec.score_dtype
 
     # Warm-up call, whose output is checked before any call is timed.
     if spec.path == "dense":
         out = dense_attention(inputs)
         check = check_dense_case(spec, inputs, out)
     else:
-        indices = dsa_select(inputs, spec.top_k, spec.chunk_size)
+        indices = dsa_select(inputs, spec.top_k, spec.chunk_size, dtype)
         out = dsa_attend(inputs, indices, spec.chunk_size)
         check = check_dsa_case(spec, inputs, indices, out)
         del indices
         if fused:
             check["fused_max_abs_difference"] = assert_close(
-                f"dsa {spec.tier} {spec.tokens}: sparse_prefill_torch vs the two operators", dsa_prefill(inputs, spec.top_k, spec.chunk_size), out
+                f"dsa {spec.tier} {spec.tokens}: sparse_prefill_torch vs the two operators",
+                dsa_prefill(inputs, spec.top_k, spec.chunk_size, dtype), out,
             )
     del out
     gc.collect()
@@ -494,11 +601,11 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
             times_ms.append((time.perf_counter() - start) * 1e3)
         elif fused:
             start = time.perf_counter()
-            out = dsa_prefill(inputs, spec.top_k, spec.chunk_size)
+            out = dsa_prefill(inputs, spec.top_k, spec.chunk_size, dtype)
             times_ms.append((time.perf_counter() - start) * 1e3)
         else:
             start = time.perf_counter()
-            indices = dsa_select(inputs, spec.top_k, spec.chunk_size)
+            indices = dsa_select(inputs, spec.top_k, spec.chunk_size, dtype)
             selected = time.perf_counter()
             out = dsa_attend(inputs, indices, spec.chunk_size)
             stop = time.perf_counter()
@@ -511,7 +618,7 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
         # To split a fused prefill's time, one selection of every query runs on its own. The attention
         # share is the rest of the median time.
         start = time.perf_counter()
-        selection = dsa_select(inputs, spec.top_k, spec.chunk_size)
+        selection = dsa_select(inputs, spec.top_k, spec.chunk_size, dtype)
         select_ms = [(time.perf_counter() - start) * 1e3]
         del selection
         attention_ms = [statistics.median(times_ms) - select_ms[0]]
@@ -527,9 +634,9 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
     if spec.path == "dense":
         out = dense_attention(inputs)
     elif fused:
-        out = dsa_prefill(inputs, spec.top_k, spec.chunk_size)
+        out = dsa_prefill(inputs, spec.top_k, spec.chunk_size, dtype)
     else:
-        out = dsa_attend(inputs, dsa_select(inputs, spec.top_k, spec.chunk_size), spec.chunk_size)
+        out = dsa_attend(inputs, dsa_select(inputs, spec.top_k, spec.chunk_size, dtype), spec.chunk_size)
     del out
     peak = peak_rss_bytes()
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -738,7 +845,9 @@ def write_plots(results: dict[str, Any], output: Path) -> list[Path]:
             axis.set_title(tier)
             axis.grid(True, which="both", alpha=0.3)
             axis.legend()
-        figure.suptitle(f"{results['settings']['shape']} layer, fp32, top_k {results['settings']['top_k']}, {results['machine']['cpu_model']}")
+        settings = results["settings"]
+        inputs = f"{settings.get('inputs', 'random')} inputs, index scores {settings.get('score_dtype', 'float32')}"
+        figure.suptitle(f"{settings['shape']} layer, fp32, top_k {settings['top_k']}, {inputs}, {results['machine']['cpu_model']}")
         figure.tight_layout()
         path = output.with_name(f"{output.stem}-{suffix}.png")
         figure.savefig(path, dpi=120)
@@ -811,6 +920,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument(
+        "--inputs", choices=INPUTS, default="random",
+        help="random: random tensors (default). real: the attention and indexer inputs of one layer of the "
+        "default model (SmolLM2-135M-Instruct with the shipped adapter) on the first T tokens of --text, "
+        "captured before the cases run; needs --shape smollm2-135m",
+    )
+
+    parser.add_argument(
+        "--text", type=Path, default=DEFAULT_TEXT,
+        help=f"text file read with --inputs real (path, default {DEFAULT_TEXT})",
+    )
+
+    parser.add_argument(
+        "--real-layer", type=int, default=DEFAULT_REAL_LAYER,
+        help=f"layer whose inputs --inputs real captures; must be sparse in the adapter (index, default {DEFAULT_REAL_LAYER})",
+    )
+
+    parser.add_argument(
+        "--score-dtype", choices=sorted(SCORE_DTYPES), default="float32",
+        help="dtype of the q . k product of the index scores on the DSA path (default float32); bfloat16 "
+        "rounds q, k and each logit to bf16, as DSAConfig.indexer_score_dtype does",
+    )
+
+    parser.add_argument(
         "--case-timeout", type=float, default=900.0,
         help="wall-clock limit of one case (warm-up, check and repeats of one path at one size); a case "
         "that exceeds it is stopped and reported as timed out (seconds, default 900)",
@@ -858,6 +990,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output = Path(f"bench-results/ops-{args.shape}.json")
     if args.case_timeout <= 0:
         parser.error(f"--case-timeout={args.case_timeout} is invalid; expected a positive number of seconds.")
+    if args.inputs == "real" and args.case is None:
+        if args.shape != "smollm2-135m":
+            parser.error(f"--inputs real captures SmolLM2-135M's layers; --shape {args.shape} has no model here. Use --shape smollm2-135m.")
+        if not args.text.is_file():
+            parser.error(f"--text {args.text} is not a file; --inputs real needs a text file.")
     return args
 
 
@@ -888,7 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
             "shape": args.shape, "batch": BATCH, "query_heads": shape.heads, "kv_heads": shape.kv_heads,
             "head_dim": shape.head_dim, "indexer_heads": shape.indexer_heads,
             "indexer_head_dim": shape.indexer_head_dim, "indexer_source": shape.indexer_source,
-            "memory_call_mmap_threshold_bytes": MMAP_THRESHOLD,
+            "memory_call_mmap_threshold_bytes": MMAP_THRESHOLD, "score_dtype": args.score_dtype,
+            "inputs": args.inputs,
+            **({"text": str(args.text), "real_layer": args.real_layer} if args.inputs == "real" else {}),
         },
         "machine": collect_machine_info(),
         "cases": [],
@@ -900,11 +1039,20 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats} after 1 warm-up"
     )
 
+    real_files: dict[int, Path] = {}
+    scratch = tempfile.TemporaryDirectory(prefix="bench-ops-inputs-")
     try:
-        results["small_checks"] = check_small_shapes(shape, args.top_k, args.chunk_size, args.seed)
+        results["small_checks"] = check_small_shapes(shape, args.top_k, args.chunk_size, args.seed, args.score_dtype)
         print(f"checks        both paths match the references at T={SMALL_CHECK_TOKENS} (prefill and decode)")
+        if args.inputs == "real":
+            needed = [tokens for tier in args.tiers for tokens in sizes[tier]]
+            real_files = capture_real_inputs(needed, args.text, args.real_layer, Path(scratch.name))
+            print(f"inputs        layer {args.real_layer} of SmolLM2-135M-Instruct with the shipped adapter, on {args.text}")
         specs = [
-            CaseSpec(tier, tokens, path, args.top_k, args.chunk_size, args.repeats, args.seed, args.shape)
+            CaseSpec(
+                tier, tokens, path, args.top_k, args.chunk_size, args.repeats, args.seed, args.shape, args.score_dtype,
+                args.inputs, str(real_files[tokens]) if real_files else None,
+            )
             for tier in args.tiers for tokens in sizes[tier] for path in PATHS
         ]
         progress = tqdm(specs, unit="case", file=sys.stderr)
@@ -922,6 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
         write_results(results, args.output)
         print(f"error: {error}\nNothing more was timed; partial results are in {args.output}.", file=sys.stderr)
         return 1
+    finally:
+        scratch.cleanup()
 
     results["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print()

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+SCORE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+"""Dtypes the q . k product of the index score may run in."""
+
+
+def check_score_dtype(score_dtype: torch.dtype) -> None:
+    if score_dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype={score_dtype!r} is invalid; expected torch.float32 or torch.bfloat16.")
 
 
 def check_float(name: str, tensor: torch.Tensor, dim: int) -> None:

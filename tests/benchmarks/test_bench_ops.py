@@ -31,3 +31,42 @@ def test_help_names_units():
 def test_help_lists_shapes():
     completed = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert "qwen3-4b" in completed.stdout
+
+
+def test_real_inputs_with_bf16_scores(tmp_path):
+    # Captures layer 1 of the default model with the shipped adapter on real text, checks both paths
+    # against the references (bf16 score product), then times them.
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, and then it rests in the shade. " * 60)
+    output = tmp_path / "ops.json"
+    completed = subprocess.run(
+        [
+            sys.executable, str(SCRIPT), "--inputs", "real", "--text", str(text), "--score-dtype", "bfloat16",
+            "--tiers", "prefill", "decode", "--prefill-tokens", "400", "--decode-tokens", "600", "--top-k", "64",
+            "--repeats", "1", "--idle-wait", "0", "--retries", "0", "--output", str(output),
+        ],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["settings"]["inputs"] == "real" and results["settings"]["score_dtype"] == "bfloat16"
+    assert [case["status"] for case in results["cases"]] == ["ok"] * 4
+    dsa_prefill = next(case for case in results["cases"] if case["path"] == "dsa" and case["tier"] == "prefill")
+    assert dsa_prefill["check"]["rows"], "no selected row was compared with the reference"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--inputs", "real", "--shape", "qwen3-4b"], "--shape qwen3-4b has no model here"),
+        (["--inputs", "real", "--text", "missing.txt"], "--text missing.txt is not a file"),
+        (["--inputs", "real", "--real-layer", "0", "--decode-tokens", "300", "--tiers", "decode"], "--real-layer 0 is not a sparse layer"),
+    ],
+)
+def test_real_inputs_reject_bad_options(tmp_path, arguments, message):
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments, "--idle-wait", "0", "--output", str(tmp_path / "ops.json")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert completed.returncode != 0
+    assert message in completed.stderr

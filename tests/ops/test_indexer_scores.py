@@ -66,3 +66,26 @@ def test_fp16_large_activations_stay_finite():
         actual = fn(q16, k16, w16)
         assert torch.isfinite(actual).all()
         assert_close(f"{fn.__name__} fp16 large", actual, truth, atol=0.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("queries", "keys"), [(40, 300), (1, 2000)], ids=["prefill", "decode"])
+def test_bf16_product_matches_bf16_reference(queries, keys):
+    # The bf16 product rounds q, k and each logit to bf16. The reference rounds the same way, so the two
+    # differ only where fp32 sums in another order round a logit to the neighbouring bf16 value.
+    q, k, w = _inputs(2, queries, keys, 4, 32, seed=keys)
+    expected = index_scores_reference(q, k, w, score_dtype=torch.bfloat16)
+    actual = index_scores_torch(q, k, w, chunk_size=16, score_dtype=torch.bfloat16)
+    assert actual.dtype == torch.float32
+    # One bf16 step of a logit is at most 2**-7 of it; the weighted sum keeps that relative bound.
+    bound = index_scores_reference(q.abs(), k.abs(), w.abs()) * 2**-7
+    assert bool(((actual - expected).abs() <= bound + 1e-6).all())
+    fp32 = index_scores_reference(q, k, w)
+    assert not torch.equal(actual, fp32), "the bf16 product returned fp32 scores"
+    assert_close("bf16 scores against fp32", actual, fp32, atol=0.05, rtol=0.05)
+
+
+def test_score_dtype_is_checked():
+    q, k, w = _inputs(1, 4, 4, 2, 8)
+    for fn in (index_scores_reference, index_scores_torch):
+        with pytest.raises(ValueError, match="score_dtype=torch.float16 is invalid"):
+            fn(q, k, w, score_dtype=torch.float16)

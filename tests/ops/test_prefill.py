@@ -47,6 +47,17 @@ def test_prefill_matches_reference(case):
     assert torch.equal(counts, expected_counts)
 
 
+def test_prefill_bf16_product_matches_reference():
+    inputs = _inputs(2, 150, 150, indexer_heads=4, indexer_dim=32, seed=11)
+    with torch.no_grad():
+        expected_out, expected_counts = sparse_prefill_reference(**inputs, top_k=24, score_dtype=torch.bfloat16)
+        out, counts = sparse_prefill_torch(**inputs, top_k=24, chunk_size=32, score_dtype=torch.bfloat16)
+        fp32_out, _ = sparse_prefill_torch(**inputs, top_k=24, chunk_size=32)
+    assert_close("out", out, expected_out, atol=2e-6, rtol=2e-6)
+    assert torch.equal(counts, expected_counts)
+    assert not torch.equal(out, fp32_out), "bf16 scores selected exactly the fp32 sets; the test shows nothing"
+
+
 def test_prefill_attention_mask_rows():
     inputs = _inputs(1, 60, 60, seed=3)
     rows = torch.ones(1, 60, 60, dtype=torch.bool).tril_()
@@ -68,12 +79,13 @@ def test_budget_shrinks_score_chunks_without_changing_result(monkeypatch):
     assert_close("out", small, whole, atol=1e-6, rtol=1e-6)
 
 
-def test_prefill_equals_two_operators():
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_equals_two_operators(score_dtype):
     inputs = _inputs(1, 100, 100, seed=9)
     with torch.no_grad():
-        indices = select_topk_torch(inputs["q_idx"], inputs["k_idx"], inputs["weights"], 32)
+        indices = select_topk_torch(inputs["q_idx"], inputs["k_idx"], inputs["weights"], 32, score_dtype=score_dtype)
         expected = sparse_attention_torch(inputs["q"], inputs["k"], inputs["v"], indices)
-        out, counts = sparse_prefill_torch(**inputs, top_k=32)
+        out, counts = sparse_prefill_torch(**inputs, top_k=32, score_dtype=score_dtype)
     assert_close("out", out, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(counts, (indices >= 0).sum(dim=-1))
 

@@ -322,3 +322,45 @@ def test_sampled_select_falls_back():
     for name, row in (("sample misleads", misleading), ("all equal", torch.ones(keys)), ("masked", masked)):
         scores = torch.stack([torch.rand(keys), row]).view(1, 2, keys)
         assert topk_torch_module._sampled_select(scores, top_k) is None, name
+
+
+def _assert_same_up_to_near_ties(actual, expected, scores, rtol):
+    """Assert two selections [B, T, K] differ only in keys whose scores [B, T, S] lie within rtol of the
+    row's k-th largest selected score (two sums of the same rounded terms in another order)."""
+    swaps = 0
+    for b in range(actual.shape[0]):
+        for t in range(actual.shape[1]):
+            mine, theirs = set(actual[b, t].tolist()) - {-1}, set(expected[b, t].tolist()) - {-1}
+            assert len(mine) == len(theirs), f"row ({b}, {t}) selects {len(mine)} keys, the reference {len(theirs)}"
+            if mine == theirs:
+                continue
+            boundary = float(scores[b, t, sorted(theirs)].min())
+            for key in mine ^ theirs:
+                gap = abs(float(scores[b, t, key]) - boundary)
+                assert gap <= rtol * max(abs(boundary), 1e-6), f"row ({b}, {t}) key {key}: score gap {gap} at the boundary"
+            swaps += 1
+    return swaps
+
+
+@pytest.mark.parametrize(
+    ("queries", "keys", "q_start"), [(96, 96, None), (1, 4096, None), (64, 1200, 1200 - 64)], ids=["prefill", "decode", "sampled-prefill"]
+)
+def test_bf16_product_selects_as_bf16_reference(queries, keys, q_start):
+    # Decode rows of 4096 keys and prefill rows of 1200 keys reach SAMPLED_MIN_SPAN * top_k, so the
+    # sampled paths run too. The two sides round the same bf16 logits; only sums in another order differ.
+    q, k, w = _inputs(2, queries, keys, heads=4, head_dim=32, seed=keys)
+    scores = index_scores_reference(q, k, w, score_dtype=torch.bfloat16)
+    expected = select_topk_reference(q, k, w, 64, q_start=q_start, score_dtype=torch.bfloat16)
+    actual = select_topk_torch(q, k, w, 64, q_start=q_start, chunk_size=32, score_dtype=torch.bfloat16)
+    _assert_same_up_to_near_ties(actual, expected, scores, rtol=2**-6)
+    # Reading a bf16 key cache directly gives the same selection as converting fp32 keys.
+    assert torch.equal(select_topk_torch(q, k.bfloat16(), w, 64, q_start=q_start, chunk_size=32, score_dtype=torch.bfloat16), actual)
+
+
+def test_bf16_product_changes_few_keys():
+    # Rounding q . k to bf16 moves only keys near each row's boundary: over 90% of the fp32 set stays.
+    q, k, w = _inputs(1, 64, 2048, heads=4, head_dim=32, seed=5)
+    fp32 = select_topk_torch(q, k, w, 256, q_start=2048 - 64)
+    bf16 = select_topk_torch(q, k, w, 256, q_start=2048 - 64, score_dtype=torch.bfloat16)
+    kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fp32[0], bf16[0])) / fp32[0].numel()
+    assert 0.9 <= kept < 1.0, kept

@@ -113,10 +113,20 @@ def indexer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                     f"layer {state.layer_idx}: {state.filled_keys} tokens do not fit the static cache of "
                     f"max_cache_len={layer.max_cache_len}; build the StaticCache with a larger max_cache_len."
                 )
-        k_idx = layer.update_indexer(k_new)
+        k_idx = layer.update_indexer(k_new.to(_cached_key_dtype(layer, k_new, state.runtime.config)))
     else:
         k_idx = k_new
     state.indexer_inputs = (q_idx, k_idx, weights)
+
+
+def _cached_key_dtype(layer, k_new: torch.Tensor, config) -> torch.dtype:
+    """Return the dtype of the indexer key cache: the one it already holds, else bf16 when the scores'
+    product runs in bf16 without gradients (inference), else the new keys' own dtype."""
+    if layer.is_indexer_initialized:
+        return layer.indexer_keys.dtype
+    if config.indexer_score_dtype == "bfloat16" and not torch.is_grad_enabled():
+        return torch.bfloat16
+    return k_new.dtype
 
 
 # ---- the attention function ----------------------------------------------------------------------------
@@ -149,8 +159,13 @@ def _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args) -> torch.T
         return runtime.backend.oracle_topk(q, k, config.top_k, scaling, chunk_elements=config.loss_chunk_elements, **mask_args)
     return runtime.backend.select_topk(
         q_idx, k_idx, weights, config.top_k,
-        sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size, **mask_args,
+        sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size,
+        score_dtype=_score_dtype(config), **mask_args,
     )
+
+
+def _score_dtype(config) -> torch.dtype:
+    return torch.bfloat16 if config.indexer_score_dtype == "bfloat16" else torch.float32
 
 
 def _measure_recall(state, q, k, indices, scaling, mask_args) -> None:
@@ -249,7 +264,8 @@ def dsa_attention_forward(
         # Selection and attention run one block of queries at a time, so [B, T, K] is never allocated.
         fused_out, state.keys_per_query = sparse_prefill_torch(
             q, k, v, q_idx, k_idx, weights, config.top_k, scaling,
-            sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size, **mask_args,
+            sink_tokens=config.sink_tokens, local_tokens=config.local_tokens, chunk_size=config.query_chunk_size,
+            score_dtype=_score_dtype(config), **mask_args,
         )
         return fused_out, None
     indices = _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args)

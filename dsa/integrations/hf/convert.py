@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # Fields that change how DSA runs but not the shape of the indexer weights.
 RUNTIME_FIELDS: tuple[str, ...] = (
     "top_k", "tie_rule", "query_chunk_size", "loss_chunk_elements", "sink_tokens", "local_tokens", "backend",
-    "dense_layers",
+    "dense_layers", "indexer_score_dtype",
 )
 
 

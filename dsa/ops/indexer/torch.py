@@ -2,22 +2,27 @@
 
 The per-head logits [B, Tc, HI, S] exist for one chunk of Tc queries at a time; the head-weighted sum
 is a batched matrix-vector product, so no [B, T, HI, S] tensor is ever held.
+
+The q . k product runs in the dtype of the keys it is given: fp32, or bf16 when the caller asks for a
+bf16 score product (`score_dtype`), where q and k are rounded to bf16 and the product returns bf16
+logits. The ReLU and the head-weighted sum always run in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsa.ops._checks import check_indexer_inputs
+from dsa.ops._checks import check_indexer_inputs, check_score_dtype
 
 # Up to this many (query, indexer head) pairs per chunk, scores are computed keys-major (decode).
 FEW_QUERY_HEADS = 64
 
 
 def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Return scores [B, Tc, S] fp32 for q_idx [B, Tc, HI, DI], k_idx_t [B, DI, S] fp32, weights [B, Tc, HI].
+    """Return scores [B, Tc, S] fp32 for q_idx [B, Tc, HI, DI], k_idx_t [B, DI, S], weights [B, Tc, HI].
 
-    No validation: callers pass checked, fp32-transposed keys so a loop over chunks converts them once.
+    The product runs in k_idx_t's dtype (fp32 or bf16). No validation: callers pass checked,
+    transposed keys already in that dtype, so a loop over chunks converts them once.
     """
     batch, queries, heads, head_dim = q_idx.shape
     scale = heads**-0.5 * head_dim**-0.5
@@ -26,24 +31,31 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
     if queries * heads <= FEW_QUERY_HEADS and keys_major.is_contiguous():
         # Decode: keys-major [S, DI] @ [DI, Tc * HI] per batch row reads the key cache row by row, as a
         # matrix-vector product. The transposed product below would stride through it.
-        q_rows = q_idx.float().reshape(batch, queries * heads, head_dim)
+        q_rows = q_idx.to(k_idx_t.dtype).reshape(batch, queries * heads, head_dim)
         rows = [torch.nn.functional.linear(keys_major[b], q_rows[b]) for b in range(batch)]
-        logits = (rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows)).relu_()
+        logits = (rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows)).relu_().float()
         # [B, Tc, S, HI] @ [B, Tc, HI, 1] -> [B, Tc, S]
         return torch.matmul(logits.view(batch, -1, queries, heads).transpose(1, 2), head_weights).squeeze(-1)
     # [B, Tc * HI, DI] @ [B, DI, S] -> [B, Tc, HI, S]
-    logits = torch.bmm(q_idx.float().reshape(batch, queries * heads, head_dim), k_idx_t)
-    logits = logits.view(batch, queries, heads, -1).relu_()
+    logits = torch.bmm(q_idx.to(k_idx_t.dtype).reshape(batch, queries * heads, head_dim), k_idx_t)
+    logits = logits.view(batch, queries, heads, -1).relu_().float()
     # [B, Tc, 1, HI] @ [B, Tc, HI, S] -> [B, Tc, S]
     return torch.matmul(head_weights.transpose(-1, -2), logits).squeeze(2)
 
 
 def index_scores_torch(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, chunk_size: int = 256
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int = 256,
+    score_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Return index scores [B, T, S] in fp32 for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI]."""
+    """Return index scores [B, T, S] in fp32 for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
+
+    `score_dtype` torch.bfloat16 runs the q . k product in bf16 (see the module docstring)."""
     check_indexer_inputs(q_idx, k_idx, weights)
-    k_idx_t = k_idx.float().transpose(1, 2)
+    check_score_dtype(score_dtype)
+    k_idx_t = k_idx.to(score_dtype).transpose(1, 2)
     if q_idx.shape[1] <= chunk_size:
         return index_scores_chunk(q_idx, k_idx_t, weights)
     chunks = [

@@ -27,17 +27,19 @@ def sparse_prefill_reference(
     sink_tokens: int = 0,
     local_tokens: int = 0,
     chunk_size: int = 256,
+    score_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return out [B, T, H, D] and keys per query [B, T] (int64).
 
     Inputs: q [B, T, H, D], k and v [B, S, HKV, D], and the indexer's q_idx [B, T, HI, DI], k_idx
     [B, S, DI] and weights [B, T, HI].
 
-    `chunk_size` is accepted for signature parity with the fast path and ignored here.
+    `score_dtype` is the dtype of the index scores' q . k product. `chunk_size` is accepted for
+    signature parity with the fast path and ignored here.
     """
     indices = select_topk_reference(
         q_idx, k_idx, weights, top_k, q_start=q_start, key_padding_mask=key_padding_mask,
-        attention_mask=attention_mask, sink_tokens=sink_tokens, local_tokens=local_tokens,
+        attention_mask=attention_mask, sink_tokens=sink_tokens, local_tokens=local_tokens, score_dtype=score_dtype,
     )
     out = sparse_attention_reference(q, k, v, indices, scale)
     return out, (indices >= 0).sum(dim=-1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa.ops._checks import check_attention_inputs, check_indexer_inputs, resolve_mask_args
+from dsa.ops._checks import check_attention_inputs, check_indexer_inputs, check_score_dtype, resolve_mask_args
 from dsa.ops.sparse_attention.torch import _union_forward
 from dsa.ops.topk.torch import select_topk_torch
 
@@ -44,6 +44,7 @@ def sparse_prefill_torch(
     sink_tokens: int = 0,
     local_tokens: int = 0,
     chunk_size: int = 256,
+    score_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return out [B, T, H, D] (q's dtype) and keys per query [B, T] (int64).
 
@@ -53,7 +54,8 @@ def sparse_prefill_torch(
     The result equals `select_topk_torch` followed by `sparse_attention_torch`, but [B, T, K] is never
     allocated. Blocks have `chunk_size` queries. Their selection runs in chunks of fewer queries at long
     S (see SCORE_BUDGET), while their attention keeps tiles of 64 queries, because SDPA calls over few
-    rows are slow. Raises ValueError when a gradient is required, since there is no backward pass.
+    rows are slow. `score_dtype` is the dtype of the index scores' q . k product (`select_topk_torch`).
+    Raises ValueError when a gradient is required, since there is no backward pass.
     """
     batch, queries, heads, head_dim = q.shape
     # No index sets exist yet, so an empty [B, T, 0] replaces them for the q, k, v checks.
@@ -76,6 +78,9 @@ def sparse_prefill_torch(
     scale = head_dim**-0.5 if scale is None else float(scale)
     block = chunk_size
     score_chunk = _score_chunk(chunk_size, q_idx.shape[2], keys)
+    check_score_dtype(score_dtype)
+    # Converted once here, so that each block's selection reads the keys without a copy.
+    k_idx = k_idx.to(score_dtype)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     counts = torch.empty(batch, queries, dtype=torch.int64, device=q.device)
@@ -88,7 +93,7 @@ def sparse_prefill_torch(
             q_start=q_start + start,
             key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :span],
             attention_mask=None if attention_mask is None else attention_mask[:, start:stop, :span],
-            sink_tokens=sink_tokens, local_tokens=local_tokens, chunk_size=score_chunk,
+            sink_tokens=sink_tokens, local_tokens=local_tokens, chunk_size=score_chunk, score_dtype=score_dtype,
         )
         block_out, _ = _union_forward(q[:, start:stop], k[:, :span], v[:, :span], indices, scale, block, need_lse=False)
         out[:, start:stop] = block_out

@@ -27,18 +27,21 @@ def select_topk_reference(
     sink_tokens: int = 0,
     local_tokens: int = 0,
     chunk_size: int = 256,
+    score_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
 
     key_padding_mask [B, S] and attention_mask [B, T, S] (bool, True = keep) restrict the causal
-    visibility further; sink and local tokens count kept keys only. `chunk_size` is accepted for signature parity with the fast path and ignored here.
+    visibility further; sink and local tokens count kept keys only. `score_dtype` is the dtype of the
+    scores' q . k product (`index_scores_reference`). `chunk_size` is accepted for signature parity with
+    the fast path and ignored here.
     """
     check_indexer_inputs(q_idx, k_idx, weights)
     check_selection_args(top_k, sink_tokens, local_tokens)
     batch, queries, keys = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
 
-    scores = index_scores_reference(q_idx, k_idx, weights)  # [B, T, S]
+    scores = index_scores_reference(q_idx, k_idx, weights, score_dtype)  # [B, T, S]
     q_positions = torch.arange(q_start, q_start + queries, device=q_idx.device)
     visible = visible_keys(q_positions, keys, key_padding_mask, batch, attention_mask)
     forced = forced_keys(visible, q_positions, key_padding_mask, sink_tokens, local_tokens)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from dsa.ops._checks import check_indexer_inputs, resolve_mask_args
+from dsa.ops._checks import check_indexer_inputs, check_score_dtype, resolve_mask_args
 from dsa.ops.indexer.torch import index_scores_chunk
 from dsa.ops.masks import forced_keys, visible_keys
 from dsa.ops.topk.naive import check_selection_args
@@ -33,22 +33,28 @@ def select_topk_torch(
     sink_tokens: int = 0,
     local_tokens: int = 0,
     chunk_size: int = 256,
+    score_dtype: torch.dtype = torch.float32,
     scores_fn: ScoresFn | None = None,
 ) -> torch.Tensor:
     """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
 
-    `scores_fn(q_chunk, k_idx_t, w_chunk, first_position)` computes one chunk's scores [B, Tc, S'];
-    the default is the PyTorch `index_scores_chunk`. The Triton backend passes its fused kernel here.
+    `score_dtype` torch.bfloat16 runs the q . k product of the scores in bf16, as
+    `index_scores_reference(..., score_dtype=torch.bfloat16)` defines it; k_idx already in bf16 (a
+    bf16 indexer key cache) is then read without a copy.
+    `scores_fn(q_chunk, k_idx_t, w_chunk, first_position)` computes one chunk's scores [B, Tc, S'] from
+    q and k in `score_dtype`; the default is the PyTorch `index_scores_chunk`. The Triton backend passes
+    its fused kernel here.
     """
     check_indexer_inputs(q_idx, k_idx, weights)
     check_selection_args(top_k, sink_tokens, local_tokens)
+    check_score_dtype(score_dtype)
     batch, queries, keys = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     width = min(top_k, keys)
     if scores_fn is None:
         scores_fn = _torch_scores
 
-    k_idx_t = k_idx.float().transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
+    k_idx_t = k_idx.to(score_dtype).transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
     plain = sink_tokens == 0 and local_tokens == 0
     for start in range(0, queries, chunk_size):
@@ -63,7 +69,7 @@ def select_topk_torch(
             # Every visible key fits: the selection is the causal prefix, no scores needed.
             out[:, start:stop] = _ascending_indices(visible_keys(q_positions, span, None, batch), width)
             continue
-        scores = scores_fn(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], first)
+        scores = scores_fn(q_idx[:, start:stop].to(score_dtype), k_idx_t[:, :, :span], weights[:, start:stop], first)
         if plain:
             _hide_invisible(scores, first, padding, rows_mask)
             out[:, start:stop] = _topk_rows(scores, width)
