@@ -89,3 +89,27 @@ def test_score_dtype_is_checked():
     for fn in (index_scores_reference, index_scores_torch):
         with pytest.raises(ValueError, match="score_dtype=torch.float16 is invalid"):
             fn(q, k, w, score_dtype=torch.float16)
+
+
+def test_bf16_decode_product_keeps_its_shape(monkeypatch):
+    # oneDNN builds a new bf16 kernel for each new shape, so successive decode steps (one more key each)
+    # must reuse one bf16 product shape; the keys past the last multiple of SHAPE_STEP go through fp32.
+    import dsa.ops.indexer.torch as indexer_torch
+
+    bf16_shapes = []
+    original_mm = torch.mm
+
+    def recording_mm(a, b, **kwargs):
+        if a.dtype == torch.bfloat16:
+            bf16_shapes.append(tuple(a.shape))
+        return original_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    step = indexer_torch.SHAPE_STEP
+    for keys in range(3 * step + 1, 3 * step + 6):
+        q, k, w = _inputs(1, 1, keys, 4, 32, seed=keys)
+        actual = index_scores_torch(q, k, w, score_dtype=torch.bfloat16)
+        expected = index_scores_reference(q, k, w, score_dtype=torch.bfloat16)
+        bound = index_scores_reference(q.abs(), k.abs(), w.abs()) * 2**-7
+        assert bool(((actual - expected).abs() <= bound + 1e-6).all())
+    assert set(bf16_shapes) == {(3 * step, 32)}

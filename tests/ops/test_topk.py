@@ -343,7 +343,9 @@ def _assert_same_up_to_near_ties(actual, expected, scores, rtol):
 
 
 @pytest.mark.parametrize(
-    ("queries", "keys", "q_start"), [(96, 96, None), (1, 4096, None), (64, 1200, 1200 - 64)], ids=["prefill", "decode", "sampled-prefill"]
+    ("queries", "keys", "q_start"),
+    [(96, 96, None), (1, 4096, None), (1, 4000, None), (64, 1200, 1200 - 64)],
+    ids=["prefill", "decode", "decode-tail", "sampled-prefill"],
 )
 def test_bf16_product_selects_as_bf16_reference(queries, keys, q_start):
     # Decode rows of 4096 keys and prefill rows of 1200 keys reach SAMPLED_MIN_SPAN * top_k, so the
