@@ -60,7 +60,9 @@ class CheckFailed(RuntimeError):
     """DSA disagrees with dense attention where it must not, or attended the wrong number of keys."""
 
 
-def build_models(shape: str, layers: int, top_k: int, max_tokens: int, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_models(
+    shape: str, layers: int, top_k: int, max_tokens: int, seed: int, score_dtype: str = "float32"
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Return (dense, dsa) copies of one random model; the DSA copy is converted in sparse mode."""
     config = LlamaConfig(
         **WIDTHS[shape], num_hidden_layers=layers, max_position_embeddings=max_tokens + 64,
@@ -71,6 +73,7 @@ def build_models(shape: str, layers: int, top_k: int, max_tokens: int, seed: int
     sparse = copy.deepcopy(dense)
     dsa_config = dsa.default_config(sparse)
     dsa_config.top_k = top_k
+    dsa_config.indexer_score_dtype = score_dtype
     dsa_config.validate()
     dsa.convert(sparse, dsa_config, indexer_trained=True)
     return dense, sparse
@@ -148,7 +151,10 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     axis.set_xlabel("context tokens S")
     axis.set_ylabel("ms per generated token (median)")
     settings = results["settings"]
-    axis.set_title(f"{settings['shape']} widths, {settings['layers']} layers, top_k {settings['top_k']}, {settings.get('cache', 'dynamic')} cache, fp32")
+    scores = "" if settings.get("indexer_score_dtype", "float32") == "float32" else ", bf16 index scores"
+    axis.set_title(
+        f"{settings['shape']} widths, {settings['layers']} layers, top_k {settings['top_k']}, {settings.get('cache', 'dynamic')} cache, fp32{scores}"
+    )
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -172,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(transformers' default, which copies every layer's keys and values at each step; default static)",
     )
     parser.add_argument("--top_k", type=int, default=2048, help="keys each DSA query attends to (tokens, default 2048)")
+    parser.add_argument(
+        "--indexer_score_dtype", choices=("float32", "bfloat16"), default="float32",
+        help="DSAConfig.indexer_score_dtype of the DSA model: bfloat16 runs the indexer's q . k product in bf16 and "
+        "keeps its key cache in bf16 (default float32)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids (default 0)")
     parser.add_argument("--output", type=Path, help="raw JSON output (default bench-results/model-SHAPE.json); a PNG plot is written next to it")
     return parser
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or Path(f"bench-results/model-{args.shape}.json")
     max_tokens = max([*args.contexts, *args.prefill_tokens]) + args.steps
 
-    dense, sparse = build_models(args.shape, args.layers, args.top_k, max_tokens, args.seed)
+    dense, sparse = build_models(args.shape, args.layers, args.top_k, max_tokens, args.seed, args.indexer_score_dtype)
     vocab = dense.config.vocab_size
     results: dict[str, Any] = {
         "command": [Path(sys.executable).name, *sys.argv],

@@ -29,6 +29,7 @@ import datetime
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import resource
@@ -52,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import dsa  # noqa: E402
 from dsa.ops.indexer import index_scores_reference  # noqa: E402
 from dsa.ops.prefill import sparse_prefill_torch  # noqa: E402
+import dsa.ops.prefill.torch as prefill_torch  # noqa: E402
 from dsa.ops.sparse_attention import sparse_attention_reference, sparse_attention_torch  # noqa: E402
 from dsa.ops.topk import select_topk_reference, select_topk_torch  # noqa: E402
 
@@ -378,15 +380,24 @@ def capture_real_inputs(
 # ---- correctness checks ------------------------------------------------------------------------------
 
 
-def assert_close(label: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
+def assert_close(label: str, actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> float:
     """Return the max abs difference of actual and expected, or raise CheckFailed unless they are
-    allclose within ATOL and RTOL."""
+    allclose within atol and RTOL."""
     if actual.shape != expected.shape:
         raise CheckFailed(f"{label}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}.")
     difference = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
-    if not torch.allclose(actual, expected, atol=ATOL, rtol=RTOL):
-        raise CheckFailed(f"{label}: max abs difference {difference:.3g} exceeds atol={ATOL}, rtol={RTOL}.")
+    if not torch.allclose(actual, expected, atol=atol, rtol=RTOL):
+        raise CheckFailed(f"{label}: max abs difference {difference:.3g} exceeds atol={atol:.3g}, rtol={RTOL}.")
     return difference
+
+
+def output_atol(inputs: CaseInputs) -> float:
+    """Return the absolute tolerance of one case's attention outputs: ATOL for values up to 1 and 4096
+    keys, scaled by max |v| and by the square root of the keys, because fp32 rounding errors of a sum
+    over S weighted values grow that way. Real inputs need it: at 64k keys SDPA and the oracle differ
+    by 3.8e-5 with max |v| = 3.2."""
+    keys = inputs.k.shape[2]
+    return ATOL * max(1.0, float(inputs.v.abs().max())) * max(1.0, math.sqrt(keys / 4096))
 
 
 def causal_index_rows(positions: list[int], width: int) -> torch.Tensor:
@@ -456,7 +467,7 @@ def check_dense_case(spec: CaseSpec, inputs: CaseInputs, out: torch.Tensor) -> d
     expected = sparse_attention_reference(
         inputs.q[:, rows], inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), indices
     )
-    difference = assert_close(f"dense {spec.tier} {spec.tokens}: rows {rows} vs the oracle", out[:, rows], expected)
+    difference = assert_close(f"dense {spec.tier} {spec.tokens}: rows {rows} vs the oracle", out[:, rows], expected, output_atol(inputs))
     return {"rows": rows, "max_abs_difference": difference}
 
 
@@ -480,7 +491,7 @@ def check_dsa_case(
         )
         result["prefix_rows"] = prefix
         result["prefix_max_abs_difference"] = assert_close(
-            f"{name}: first {prefix} rows vs SDPA", out[:, :prefix], dense_attention(head)
+            f"{name}: first {prefix} rows vs SDPA", out[:, :prefix], dense_attention(head), output_atol(head)
         )
     if keys <= spec.top_k:
         return result
@@ -491,7 +502,7 @@ def check_dsa_case(
     expected = sparse_attention_reference(
         inputs.q[:, rows], inputs.k.transpose(1, 2), inputs.v.transpose(1, 2), indices[:, rows]
     )
-    result["max_abs_difference"] = assert_close(f"{name}: rows {rows} vs the oracle", out[:, rows], expected)
+    result["max_abs_difference"] = assert_close(f"{name}: rows {rows} vs the oracle", out[:, rows], expected, output_atol(inputs))
     return result
 
 
@@ -587,7 +598,7 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
         if fused:
             check["fused_max_abs_difference"] = assert_close(
                 f"dsa {spec.tier} {spec.tokens}: sparse_prefill_torch vs the two operators",
-                dsa_prefill(inputs, spec.top_k, spec.chunk_size, dtype), out,
+                dsa_prefill(inputs, spec.top_k, spec.chunk_size, dtype), out, output_atol(inputs),
             )
     del out
     gc.collect()
@@ -615,10 +626,11 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
             del indices
         del out
     if fused:
-        # To split a fused prefill's time, one selection of every query runs on its own. The attention
-        # share is the rest of the median time.
+        # To split a fused prefill's time, one selection of every query runs on its own, in chunks of
+        # the size the fused prefill uses. The attention share is the rest of the median time.
+        score_chunk = prefill_torch._score_chunk(spec.chunk_size, inputs.q_idx.shape[2], inputs.k.shape[2])
         start = time.perf_counter()
-        selection = dsa_select(inputs, spec.top_k, spec.chunk_size, dtype)
+        selection = dsa_select(inputs, spec.top_k, score_chunk, dtype)
         select_ms = [(time.perf_counter() - start) * 1e3]
         del selection
         attention_ms = [statistics.median(times_ms) - select_ms[0]]

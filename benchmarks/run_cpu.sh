@@ -2,7 +2,7 @@
 # Run every CPU benchmark tier in one go and write raw JSON and PNG plots to $OUT (default bench-results/).
 # Run it on an idle machine: bench_ops.py flags cases during which other processes used the CPU, the
 # other scripts do not check.
-# About 35 minutes on 2 cores, the 64k prefill and the 30-layer model included. docs/benchmarks.md records a run.
+# About 55 minutes on 2 cores, the 64k prefill and the 30-layer model included. docs/benchmarks.md records a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}
@@ -14,6 +14,14 @@ PYTHON=${PYTHON:-python}
 "$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers prefill --prefill-tokens 65536 \
     --repeats 1 --output "$OUT/ops-smollm2-135m-prefill-64k.json"
 "$PYTHON" benchmarks/bench_ops.py --shape smollm2-135m --tiers decode --repeats 20 --plot --output "$OUT/ops-smollm2-135m-decode.json"
+# The same layer on real text: the inputs of layer 1 of SmolLM2-135M-Instruct with the shipped adapter,
+# on the held-out text, with the fp32 and the bf16 score product.
+for SCORES in float32 bfloat16; do
+    "$PYTHON" benchmarks/bench_ops.py --inputs real --score-dtype "$SCORES" --tiers prefill \
+        --prefill-tokens 4096 8192 16384 32768 --repeats 1 --plot --output "$OUT/ops-real-prefill-$SCORES.json"
+    "$PYTHON" benchmarks/bench_ops.py --inputs real --score-dtype "$SCORES" --tiers decode \
+        --decode-tokens 8192 16384 32768 65536 --repeats 20 --plot --output "$OUT/ops-real-decode-$SCORES.json"
+done
 "$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers prefill --prefill-tokens 4096 8192 \
     --repeats 1 --plot --output "$OUT/ops-qwen3-4b-prefill.json"
 "$PYTHON" benchmarks/bench_ops.py --shape qwen3-4b --tiers decode --repeats 20 --plot --output "$OUT/ops-qwen3-4b-decode.json"

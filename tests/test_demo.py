@@ -38,6 +38,17 @@ def test_demo_dense_layers_option(tiny_checkpoint, tmp_path, capsys):
         demo.main([*common, "--dense_layers", "5"])
 
 
+def test_demo_bf16_index_scores(tiny_checkpoint, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=32))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    assert demo.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--context_tokens", "300",
+                      "--max_new_tokens", "2", "--indexer_score_dtype", "bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    assert "top_k: 32    index scores: bfloat16" in printed
+    assert "keys attended per decoded token (DSA): 32-32 of 300-301" in printed
+
+
 def test_demo_rejects_too_long_context(tiny_checkpoint, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=32))

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dense_layers", type=int, nargs="*",
         help="Layer indices that keep dense attention for oracle and DSA (default: the adapter's dense_layers).",
     )
+    parser.add_argument(
+        "--indexer_score_dtype", choices=("float32", "bfloat16"),
+        help="dtype of the DSA indexer's q . k product (DSAConfig.indexer_score_dtype); default: the adapter's, float32 unless set.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the passkey values and positions (default: %(default)s).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing results.json in --output_dir.")
     return parser
@@ -66,6 +70,8 @@ def prepare_run(args: argparse.Namespace, result_name: str):
     model, tokenizer = load_converted_model(args.model_name_or_path, args.indexer_path)
     if args.dense_layers is not None:
         dsa.update_config(model, dense_layers=args.dense_layers)
+    if getattr(args, "indexer_score_dtype", None) is not None:
+        dsa.update_config(model, indexer_score_dtype=args.indexer_score_dtype)
     return model, tokenizer, data.read_text(encoding="utf-8")
 
 

@@ -80,6 +80,18 @@ def test_cli_dense_layers_reach_report(tiny_checkpoint, text_file, tmp_path):
     assert "Layers [0] keep dense attention" in (output / "report.md").read_text()
 
 
+def test_cli_bf16_index_scores_reach_results(tiny_checkpoint, text_file, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=16))
+    dsa.save_indexer(model, tmp_path / "adapter")
+    output = tmp_path / "eval"
+    assert eval_main(["--model_name_or_path", str(tiny_checkpoint), "--indexer_path", str(tmp_path / "adapter"),
+                      "--data", str(text_file), "--output_dir", str(output), "--context_lengths", "64", "--top_k", "8",
+                      "--windows", "1", "--passkey_trials", "0", "--indexer_score_dtype", "bfloat16"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["dsa_config"]["indexer_score_dtype"] == "bfloat16"
+
+
 def test_quality_checks_judge_against_oracle():
     from dsa.evaluation.report import quality_checks
 
