@@ -281,7 +281,7 @@ def load_real_inputs(path: str, queries: int) -> CaseInputs:
 
 def case_inputs(spec: CaseSpec) -> CaseInputs:
     """Return a case's inputs. With a bf16 score product, k_idx is stored in bf16, as a converted model's
-    indexer key cache holds it (`DSAConfig.indexer_score_dtype`)."""
+    indexer key cache stores it (`DSAConfig.indexer_score_dtype`)."""
     if spec.inputs == "real":
         assert spec.real_file is not None
         inputs = load_real_inputs(spec.real_file, spec.queries)
