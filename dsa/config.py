@@ -83,8 +83,8 @@ class DSAConfig:
     indexer_score_dtype: ScoreDtype = "float32"
     """Dtype of the q . k product in the index scores at inference: "float32", or "bfloat16", which rounds
     q, k and each logit to bf16 (ReLU and the weighted sum stay fp32) and keeps the indexer key cache in
-    bf16, half the memory. On CPUs with AVX512-BF16 or AMX the product runs several times faster; about
-    1 key in 400 of a top-256 set changes. Training losses always use fp32."""
+    bf16, half the memory. On a CPU with AVX512-BF16 the product ran about three times faster, and about
+    1 key in 500 of a top-k set changed (random and real inputs). Training losses always use fp32."""
 
     backend: Backend = "auto"
     """Operator implementation: "torch" (chunked PyTorch), "reference" (readable, slow), "triton"

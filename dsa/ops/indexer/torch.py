@@ -51,7 +51,7 @@ def _keys_major_product(keys: torch.Tensor, q_rows: torch.Tensor) -> torch.Tenso
     """Return keys [S, DI] @ q_rows[N, DI]^T as [S, N] in keys' dtype.
 
     On the CPU, PyTorch runs bf16 products through oneDNN, which builds a kernel for each new shape
-    (about 0.3 ms, measured with ONEDNN_VERBOSE=2) and keeps it in a cache. A decode step sees one
+    (about 0.3 ms, measured with ONEDNN_VERBOSE=2) and keeps it in a cache. A decode step has one
     more key than the last, so the bf16 product covers the first multiple of SHAPE_STEP keys, a shape
     that lasts SHAPE_STEP steps. The remaining keys are multiplied in fp32 and rounded to bf16, which
     is what the bf16 product returns for them.
