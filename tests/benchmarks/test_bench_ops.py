@@ -49,7 +49,8 @@ def test_real_inputs_with_bf16_scores(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(output.read_text())
-    assert results["settings"]["inputs"] == "real" and results["settings"]["score_dtype"] == "bfloat16"
+    assert results["settings"]["inputs"] == "real"
+    assert results["settings"]["score_dtype"] == "bfloat16"
     assert [case["status"] for case in results["cases"]] == ["ok"] * 4
     dsa_prefill = next(case for case in results["cases"] if case["path"] == "dsa" and case["tier"] == "prefill")
     assert dsa_prefill["check"]["rows"], "no selected row was compared with the reference"

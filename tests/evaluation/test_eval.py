@@ -66,14 +66,20 @@ def test_cli_requires_indexer_for_plain_model(tiny_checkpoint, text_file, tmp_pa
         eval_main(["--model_name_or_path", str(tiny_checkpoint), "--data", str(text_file), "--output_dir", str(tmp_path)])
 
 
-def test_cli_dense_layers_reach_report(tiny_checkpoint, text_file, tmp_path):
+def _small_cli_run(tiny_checkpoint, text_file, tmp_path, *options):
+    """Run `dsa eval` on the tiny model with a fresh adapter at 64 tokens and top_k 8; return the output folder."""
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=16))
     dsa.save_indexer(model, tmp_path / "adapter")
     output = tmp_path / "eval"
     assert eval_main(["--model_name_or_path", str(tiny_checkpoint), "--indexer_path", str(tmp_path / "adapter"),
                       "--data", str(text_file), "--output_dir", str(output), "--context_lengths", "64", "--top_k", "8",
-                      "--windows", "1", "--passkey_trials", "0", "--dense_layers", "0"]) == 0
+                      "--windows", "1", "--passkey_trials", "0", *options]) == 0
+    return output
+
+
+def test_cli_dense_layers_reach_report(tiny_checkpoint, text_file, tmp_path):
+    output = _small_cli_run(tiny_checkpoint, text_file, tmp_path, "--dense_layers", "0")
     results = json.loads((output / "results.json").read_text())
     assert results["dsa_config"]["dense_layers"] == [0]
     assert list(results["lengths"]["64"]["top_k=8"]["dsa"]["recall_per_layer"]) == ["1"]
@@ -81,13 +87,7 @@ def test_cli_dense_layers_reach_report(tiny_checkpoint, text_file, tmp_path):
 
 
 def test_cli_bf16_index_scores_reach_results(tiny_checkpoint, text_file, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    dsa.convert(model, dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=16))
-    dsa.save_indexer(model, tmp_path / "adapter")
-    output = tmp_path / "eval"
-    assert eval_main(["--model_name_or_path", str(tiny_checkpoint), "--indexer_path", str(tmp_path / "adapter"),
-                      "--data", str(text_file), "--output_dir", str(output), "--context_lengths", "64", "--top_k", "8",
-                      "--windows", "1", "--passkey_trials", "0", "--indexer_score_dtype", "bfloat16"]) == 0
+    output = _small_cli_run(tiny_checkpoint, text_file, tmp_path, "--indexer_score_dtype", "bfloat16")
     results = json.loads((output / "results.json").read_text())
     assert results["dsa_config"]["indexer_score_dtype"] == "bfloat16"
 

@@ -73,19 +73,25 @@ def test_generation_past_top_k_is_sparse():
         assert int(layer_counts) == TOP_K
 
 
+@torch.no_grad()
+def _assert_decode_equals_full_prefill(model, ids, cache, prefix=20):
+    """Prefill `prefix` tokens into `cache`, decode the rest one token at a time, and assert that every
+    step attends as many keys and gives the same logits as one full prefill of `ids`."""
+    full = model(ids).logits
+    full_counts = dsa.keys_per_query(model)
+    step_logits = [model(ids[:, :prefix], cache=cache, use_cache=True).logits]
+    for t in range(prefix, ids.shape[1]):
+        step_logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        for layer, counts in dsa.keys_per_query(model).items():
+            assert torch.equal(counts[:, 0], full_counts[layer][:, t])
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_after_prefill_equals_full_prefill():
     _, model = _pair()
     ids = random_ids(2, 28)
-    with torch.no_grad():
-        full = model(ids).logits
-        full_counts = dsa.keys_per_query(model)
-        cache = DynamicCache(config=model.config)
-        step_logits = [model(ids[:, :20], cache=cache, use_cache=True).logits]
-        for t in range(20, 28):
-            step_logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
-            for layer, counts in dsa.keys_per_query(model).items():
-                assert torch.equal(counts[:, 0], full_counts[layer][:, t])
-    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache = DynamicCache(config=model.config)
+    _assert_decode_equals_full_prefill(model, ids, cache)
     assert all(isinstance(layer, DynamicIndexedLayer) for layer in cache.layers)
     assert cache.layers[0].indexer_keys.shape[1] == 28
 
@@ -108,21 +114,13 @@ def test_static_cache_decode_equals_full_prefill():
 
 @pytest.mark.parametrize("cache_type", ["dynamic", "static"])
 def test_bf16_score_product_keeps_bf16_key_cache(cache_type):
-    # The cache holds bf16 indexer keys; decode steps read them and select as a full prefill does,
-    # which rounds its fp32 keys to bf16 in the same way.
+    # The cache stores bf16 indexer keys. Decode steps read them and select as a full prefill does,
+    # because the prefill rounds its fp32 keys to bf16 in the same way.
     _, model = _pair()
     dsa.update_config(model, indexer_score_dtype="bfloat16")
     ids = random_ids(2, 28)
-    with torch.no_grad():
-        full = model(ids).logits
-        full_counts = dsa.keys_per_query(model)
-        cache = DynamicCache(config=model.config) if cache_type == "dynamic" else StaticCache(config=model.config, max_cache_len=40)
-        step_logits = [model(ids[:, :20], cache=cache, use_cache=True).logits]
-        for t in range(20, 28):
-            step_logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
-            for layer, counts in dsa.keys_per_query(model).items():
-                assert torch.equal(counts[:, 0], full_counts[layer][:, t])
-    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache = DynamicCache(config=model.config) if cache_type == "dynamic" else StaticCache(config=model.config, max_cache_len=40)
+    _assert_decode_equals_full_prefill(model, ids, cache)
     assert all(layer.indexer_keys.dtype == torch.bfloat16 for layer in cache.layers)
     # Training keeps fp32 keys: with gradients enabled the cache takes the indexer's own dtype.
     grad_cache = DynamicCache(config=model.config)

@@ -93,7 +93,7 @@ def test_score_dtype_is_checked():
 
 def test_bf16_decode_product_keeps_its_shape(monkeypatch):
     # oneDNN builds a new bf16 kernel for each new shape, so successive decode steps (one more key each)
-    # must reuse one bf16 product shape; the keys past the last multiple of SHAPE_STEP go through fp32.
+    # must reuse one bf16 product shape. The keys past the last multiple of SHAPE_STEP go through fp32.
     import dsa.ops.indexer.torch as indexer_torch
 
     bf16_shapes = []
