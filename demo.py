@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234, help="Seed of the hidden pass key (default: %(default)s).")
     parser.add_argument(
         "--indexer_score_dtype", choices=("float32", "bfloat16"),
-        help="dtype of the indexer's q . k product: bfloat16 is faster on CPUs with AVX512-BF16 (default: the adapter's, float32).",
+        help="dtype of the indexer's q . k product; bfloat16 halves the indexer key cache and can speed up selection on "
+        "CPUs with AVX512-BF16, see docs/benchmarks.md (default: the adapter's setting, float32 unless set).",
     )
     return parser
 

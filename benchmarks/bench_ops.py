@@ -65,6 +65,9 @@ PREFILL_TOKENS: tuple[int, ...] = (4096, 8192, 16384, 32768)
 DECODE_CACHE_TOKENS: tuple[int, ...] = (8192, 16384, 32768, 65536, 131072)
 QUICK_PREFILL_TOKENS: tuple[int, ...] = (1024, 2048)
 QUICK_DECODE_CACHE_TOKENS: tuple[int, ...] = (8192, 16384)
+# --inputs real reads one text, whose length bounds the sizes: the held-out Poe has 82,283 tokens.
+REAL_PREFILL_TOKENS: tuple[int, ...] = (4096, 8192, 16384, 32768)
+REAL_DECODE_CACHE_TOKENS: tuple[int, ...] = (8192, 16384, 32768, 65536)
 TIERS: tuple[str, ...] = ("prefill", "decode")
 PATHS: tuple[str, ...] = ("dense", "dsa")
 INPUTS: tuple[str, ...] = ("random", "real")
@@ -331,16 +334,18 @@ def capture_real_inputs(
     model, tokenizer = load_converted_model("default", str(adapter))
     layers = model.config.num_hidden_layers
     dense_layers = dsa.get_runtime(model).config.dense_layers
-    if not 0 <= layer < layers or layer in dense_layers:
+    if not 0 <= layer < layers:
+        raise SystemExit(f"error: --real-layer {layer} is out of range; the model has layers 0-{layers - 1}.")
+    if layer in dense_layers:
         raise SystemExit(
-            f"error: --real-layer {layer} is not a sparse layer of the adapter; choose one of 0-{layers - 1} "
-            f"outside its dense layers {dense_layers}."
+            f"error: --real-layer {layer} is a dense layer of the adapter; choose one of 0-{layers - 1} outside "
+            f"its dense layers {dense_layers}."
         )
     token_ids = tokenizer(text.read_text(encoding="utf-8"))["input_ids"]
     if max(token_counts) > len(token_ids):
         raise SystemExit(
-            f"error: {text} has {len(token_ids)} tokens, fewer than the {max(token_counts)} asked for; choose "
-            "smaller --prefill-tokens or --decode-tokens, or a longer --text."
+            f"error: {text} has {len(token_ids)} tokens, fewer than the {max(token_counts)} of the requested sizes "
+            "(--prefill-tokens, --decode-tokens, or the sweep's defaults); choose smaller sizes or a longer --text."
         )
     dsa.set_mode(model, "warmup")
     captured: dict[str, torch.Tensor] = {}
@@ -880,9 +885,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
             "Time DSA (indexer scores + top-k selection + sparse attention) against dense SDPA on "
-            f"one layer shape (--shape), fp32 on the CPU. Default sweep: prefill at T = "
+            f"one layer shape (--shape), fp32 attention on the CPU. Default sweep: prefill at T = "
             f"{', '.join(map(str, PREFILL_TOKENS))} tokens and a decode step against caches of "
-            f"{', '.join(map(str, DECODE_CACHE_TOKENS))} tokens."
+            f"{', '.join(map(str, DECODE_CACHE_TOKENS))} tokens; with --inputs real, prefill at "
+            f"{', '.join(map(str, REAL_PREFILL_TOKENS))} and decode at {', '.join(map(str, REAL_DECODE_CACHE_TOKENS))}."
         )
     )
 
@@ -1002,6 +1008,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output = Path(f"bench-results/ops-{args.shape}.json")
     if args.case_timeout <= 0:
         parser.error(f"--case-timeout={args.case_timeout} is invalid; expected a positive number of seconds.")
+    if args.inputs == "random" and args.case is None:
+        for option, value, default in (("--text", args.text, DEFAULT_TEXT), ("--real-layer", args.real_layer, DEFAULT_REAL_LAYER)):
+            if value != default:
+                parser.error(f"{option} {value} applies to --inputs real only; add --inputs real or drop {option}.")
     if args.inputs == "real" and args.case is None:
         if args.shape != "smollm2-135m":
             parser.error(f"--inputs real captures SmolLM2-135M's layers; --shape {args.shape} has no model here. Use --shape smollm2-135m.")
@@ -1010,9 +1020,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sweep_sizes(quick: bool) -> dict[str, tuple[int, ...]]:
+def sweep_sizes(quick: bool, inputs: str = "random") -> dict[str, tuple[int, ...]]:
     if quick:
         return {"prefill": QUICK_PREFILL_TOKENS, "decode": QUICK_DECODE_CACHE_TOKENS}
+    if inputs == "real":
+        return {"prefill": REAL_PREFILL_TOKENS, "decode": REAL_DECODE_CACHE_TOKENS}
     return {"prefill": PREFILL_TOKENS, "decode": DECODE_CACHE_TOKENS}
 
 
@@ -1021,11 +1033,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.case is not None:
         return case_main(args.case)
 
-    sizes = sweep_sizes(args.quick)
+    sizes = sweep_sizes(args.quick, args.inputs)
     if args.prefill_tokens:
         sizes["prefill"] = tuple(args.prefill_tokens)
     if args.decode_tokens:
         sizes["decode"] = tuple(args.decode_tokens)
+    sizes = {tier: sizes[tier] for tier in args.tiers}
     shape = SHAPES[args.shape]
     results: dict[str, Any] = {
         "command": [Path(sys.executable).name, *sys.argv],
@@ -1048,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"shapes        {args.shape}: B={BATCH} H={shape.heads} HKV={shape.kv_heads} D={shape.head_dim}, indexer "
         f"HI={shape.indexer_heads} DI={shape.indexer_head_dim} ({shape.indexer_source}), top_k={args.top_k}, chunk_size={args.chunk_size}, "
+        f"{args.inputs} inputs, index scores {args.score_dtype}, "
         f"median of {args.repeats} after 1 warm-up"
     )
 

@@ -24,8 +24,9 @@ def markdown(results: dict[str, Any], command: str | None = None) -> str:
     lines = ["# DSA evaluation", ""]
     machine = results.get("machine", {})
     if machine:
+        score_dtype = results.get("dsa_config", {}).get("indexer_score_dtype", "float32")
         lines += [f"Machine: {machine.get('processor') or machine.get('machine')}, {machine.get('cpus')} CPUs, "
-                  f"torch {machine.get('torch')}, dtype {machine.get('dtype')}.", ""]
+                  f"torch {machine.get('torch')}, model dtype {machine.get('dtype')}, index scores {score_dtype}.", ""]
     if command:
         lines += ["Command:", "", "```bash", command, "```", ""]
     dense_layers = results.get("dsa_config", {}).get("dense_layers") or []

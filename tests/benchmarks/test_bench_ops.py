@@ -61,7 +61,10 @@ def test_real_inputs_with_bf16_scores(tmp_path):
     [
         (["--inputs", "real", "--shape", "qwen3-4b"], "--shape qwen3-4b has no model here"),
         (["--inputs", "real", "--text", "missing.txt"], "--text missing.txt is not a file"),
-        (["--inputs", "real", "--real-layer", "0", "--decode-tokens", "300", "--tiers", "decode"], "--real-layer 0 is not a sparse layer"),
+        (["--inputs", "real", "--real-layer", "0", "--decode-tokens", "300", "--tiers", "decode"], "--real-layer 0 is a dense layer"),
+        (["--inputs", "real", "--real-layer", "30", "--decode-tokens", "300", "--tiers", "decode"], "--real-layer 30 is out of range"),
+        (["--text", "poe.txt"], "--text poe.txt applies to --inputs real only"),
+        (["--real-layer", "3"], "--real-layer 3 applies to --inputs real only"),
     ],
 )
 def test_real_inputs_reject_bad_options(tmp_path, arguments, message):

@@ -90,6 +90,7 @@ def test_cli_bf16_index_scores_reach_results(tiny_checkpoint, text_file, tmp_pat
     output = _small_cli_run(tiny_checkpoint, text_file, tmp_path, "--indexer_score_dtype", "bfloat16")
     results = json.loads((output / "results.json").read_text())
     assert results["dsa_config"]["indexer_score_dtype"] == "bfloat16"
+    assert "index scores bfloat16" in (output / "report.md").read_text()
 
 
 def test_quality_checks_judge_against_oracle():
