@@ -33,12 +33,12 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
         # matrix-vector product. The transposed product below would stride through it.
         q_rows = q_idx.to(k_idx_t.dtype).reshape(batch, queries * heads, head_dim)
         rows = [_keys_major_product(keys_major[b], q_rows[b]) for b in range(batch)]
-        logits = (rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows)).relu_().float()
+        logits = (rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows)).float().relu_()
         # [B, Tc, S, HI] @ [B, Tc, HI, 1] -> [B, Tc, S]
         return torch.matmul(logits.view(batch, -1, queries, heads).transpose(1, 2), head_weights).squeeze(-1)
     # [B, Tc * HI, DI] @ [B, DI, S] -> [B, Tc, HI, S]
     logits = torch.bmm(q_idx.to(k_idx_t.dtype).reshape(batch, queries * heads, head_dim), k_idx_t)
-    logits = logits.view(batch, queries, heads, -1).relu_().float()
+    logits = logits.view(batch, queries, heads, -1).float().relu_()
     # [B, Tc, 1, HI] @ [B, Tc, HI, S] -> [B, Tc, S]
     return torch.matmul(head_weights.transpose(-1, -2), logits).squeeze(2)
 

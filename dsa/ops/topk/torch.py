@@ -179,7 +179,7 @@ def _sampled_select(scores: torch.Tensor, count: int) -> torch.Tensor | None:
     costs several times the row's scores. The bound from every SAMPLE_STRIDE-th score admits about
     SAMPLE_MARGIN * count candidates per row. The k-th largest score is found among those, and the keys
     at or above it, listed in key order, are the selection. A row where other keys tie the k-th largest
-    score follows the tie rule (`_choose`) on its full row. Returns None, so that the caller runs the
+    score follows the tie rule among its candidates, which contain every key at or above it. Returns None, so that the caller runs the
     full `topk`, when a bound admits fewer than `count` or more than half of a row's keys, or when a
     row's sample bound is -inf (too many invisible keys).
     """
@@ -206,12 +206,18 @@ def _sampled_select(scores: torch.Tensor, count: int) -> torch.Tensor | None:
     tied = torch.bincount(row_of[keep], minlength=rows.shape[0]) != count
     if not bool(tied.any()):
         return key_of[keep].view(batch, tile, count)
-    # Rows where several keys equal the k-th largest score follow the tie rule on their full row.
-    out = torch.empty(rows.shape[0], count, dtype=torch.int64, device=scores.device)
-    out[~tied] = key_of[keep & ~tied[row_of]].view(-1, count)
-    tied_rows = rows[tied].unsqueeze(0)
-    out[tied] = _ascending_indices(_choose(tied_rows, ~torch.isneginf(tied_rows), None, count), count)[0]
-    return out.view(batch, tile, count)
+    # Rows where several keys equal the k-th largest score follow the tie rule: every key above it,
+    # then the lowest-index keys equal to it. Every such key is a candidate (kth >= bound), and a
+    # row's candidates are in key order, so a running count of the equal ones ranks them by index.
+    # bf16 logits make such ties common: a quarter of the rows at 64k keys.
+    kth_of = kth[row_of]
+    above = values > kth_of
+    equal = (values == kth_of).long()
+    missing = count - torch.bincount(row_of[above], minlength=rows.shape[0])
+    equal_rank = equal.cumsum(0)
+    equal_rank -= (equal_rank - equal)[starts].repeat_interleave(counts)  # 1, 2, ... within each row
+    keep = above | ((equal == 1) & (equal_rank <= missing[row_of]))
+    return key_of[keep].view(batch, tile, count)
 
 
 def _torch_scores(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first_position: int) -> torch.Tensor:
