@@ -295,7 +295,7 @@ def test_sampled_topk_falls_back(monkeypatch):
 def test_sampled_prefill_equals_reference(monkeypatch, levels):
     # Prefill chunks whose keys reach SAMPLED_MIN_SPAN * top_k take the many-row sampled path. Random
     # signed inputs leave some rows with fewer than top_k positive scores, so their k-th largest is a
-    # tie at 0; with scores rounded to a few levels, ties are everywhere. Tied rows follow the tie rule
+    # tie at 0. With scores rounded to a few levels, ties are everywhere. Tied rows follow the tie rule
     # among the sampled candidates, without the full-row rule (`_choose`).
     outcomes = _spy_sampled(monkeypatch, "_sampled_select")
     monkeypatch.setattr(topk_torch_module, "_choose", lambda *args: pytest.fail("a sampled row ran the full-row tie rule"))
@@ -354,7 +354,7 @@ def _assert_same_up_to_near_ties(actual, expected, scores, rtol):
 )
 def test_bf16_product_selects_as_bf16_reference(queries, keys, q_start):
     # Decode rows of 4096 keys and prefill rows of 1200 keys reach SAMPLED_MIN_SPAN * top_k, so the
-    # sampled paths run too. The two sides round the same bf16 logits; only sums in another order differ.
+    # sampled paths run too. The two sides round the same bf16 logits, and only their summation order differs.
     q, k, w = _inputs(2, queries, keys, heads=4, head_dim=32, seed=keys)
     scores = index_scores_reference(q, k, w, score_dtype=torch.bfloat16)
     expected = select_topk_reference(q, k, w, 64, q_start=q_start, score_dtype=torch.bfloat16)

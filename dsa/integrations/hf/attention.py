@@ -120,7 +120,7 @@ def indexer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _cached_key_dtype(layer, k_new: torch.Tensor, config) -> torch.dtype:
-    """Return the dtype of the indexer key cache: the one it already holds, else bf16 when the scores'
+    """Return the dtype of the indexer key cache: the dtype it already stores, else bf16 when the scores'
     product runs in bf16 without gradients (inference), else the new keys' own dtype."""
     if layer.is_indexer_initialized:
         return layer.indexer_keys.dtype

@@ -179,9 +179,9 @@ def _sampled_select(scores: torch.Tensor, count: int) -> torch.Tensor | None:
     costs several times the row's scores. The bound from every SAMPLE_STRIDE-th score admits about
     SAMPLE_MARGIN * count candidates per row. The k-th largest score is found among those, and the keys
     at or above it, listed in key order, are the selection. A row where other keys tie the k-th largest
-    score follows the tie rule among its candidates, which contain every key at or above it. Returns None, so that the caller runs the
-    full `topk`, when a bound admits fewer than `count` or more than half of a row's keys, or when a
-    row's sample bound is -inf (too many invisible keys).
+    score follows the tie rule among its candidates, which contain every key at or above it. Returns
+    None, so that the caller runs the full `topk`, when a bound admits fewer than `count` or more than
+    half of a row's keys, or when a row's sample bound is -inf (too many invisible keys).
     """
     batch, tile, span = scores.shape
     rows = scores.reshape(batch * tile, span)
