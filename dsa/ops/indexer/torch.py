@@ -3,6 +3,10 @@
 The per-head logits [B, Tc, HI, S] exist for one chunk of Tc queries at a time; the head-weighted sum
 is a batched matrix-vector product, so no [B, T, HI, S] tensor is ever held.
 
+On the CPU, a chunk of many queries with fp32 keys in the transposed layout [B, DI, S] (unit stride
+along S) goes to the fused C++ kernel of `dsa.ops.indexer.cpu`, which never writes the logits;
+`index_scores_chunk_torch` is the PyTorch path it replaces and is checked against.
+
 The q . k product runs in the dtype of the keys it is given: fp32, or bf16 when the caller asks for a
 bf16 score product (`score_dtype`), where q and k are rounded to bf16 and the product returns bf16
 logits. The ReLU and the head-weighted sum always run in fp32.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_indexer_inputs, check_score_dtype
+from dsa.ops.indexer.cpu import cpu_kernel_applies, index_scores_chunk_cpu
 
 # Up to this many (query, indexer head) pairs per chunk, scores are computed keys-major (decode).
 FEW_QUERY_HEADS = 64
@@ -22,8 +27,28 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
     """Return scores [B, Tc, S] fp32 for q_idx [B, Tc, HI, DI], k_idx_t [B, DI, S], weights [B, Tc, HI].
 
     The product runs in k_idx_t's dtype (fp32 or bf16). No validation: callers pass checked,
-    transposed keys already in that dtype, so a loop over chunks converts them once.
+    transposed keys already in that dtype, so a loop over chunks converts them once. Many queries
+    against fp32 keys with unit stride along S take the fused CPU kernel (see `kernel_layout`).
     """
+    if q_idx.shape[1] * q_idx.shape[2] > FEW_QUERY_HEADS and cpu_kernel_applies(q_idx, k_idx_t):
+        return index_scores_chunk_cpu(q_idx, k_idx_t, weights)
+    return index_scores_chunk_torch(q_idx, k_idx_t, weights)
+
+
+def kernel_layout(k_idx_t: torch.Tensor, queries: int, heads: int) -> torch.Tensor:
+    """Return the keys k_idx_t [B, DI, S] in the layout the fused CPU kernel reads (unit stride along S)
+    when chunks of `queries` queries and `heads` heads would take it, else k_idx_t unchanged.
+
+    Keys usually arrive as a transposed view of [B, S, DI]; the copy costs S * DI values, once per call
+    rather than once per chunk.
+    """
+    if k_idx_t.stride(-1) == 1 or queries * heads <= FEW_QUERY_HEADS:
+        return k_idx_t
+    return k_idx_t.contiguous() if cpu_kernel_applies(k_idx_t, k_idx_t, require_layout=False) else k_idx_t
+
+
+def index_scores_chunk_torch(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The PyTorch path of `index_scores_chunk`: per-head logits, ReLU, then the head-weighted sum."""
     batch, queries, heads, head_dim = q_idx.shape
     scale = heads**-0.5 * head_dim**-0.5
     head_weights = (weights.float() * scale).unsqueeze(-1)  # [B, Tc, HI, 1]
@@ -80,7 +105,7 @@ def index_scores_torch(
     `score_dtype` torch.bfloat16 runs the q . k product in bf16 (see the module docstring)."""
     check_indexer_inputs(q_idx, k_idx, weights)
     check_score_dtype(score_dtype)
-    k_idx_t = k_idx.to(score_dtype).transpose(1, 2)
+    k_idx_t = kernel_layout(k_idx.to(score_dtype).transpose(1, 2), min(chunk_size, q_idx.shape[1]), q_idx.shape[2])
     if q_idx.shape[1] <= chunk_size:
         return index_scores_chunk(q_idx, k_idx_t, weights)
     chunks = [

@@ -5,6 +5,11 @@ Running `select_topk_torch` over all T queries and then `sparse_attention_torch`
 than its [B, T, H, D] output. Here each block of queries is selected and attended before the next one, so the
 extra memory is one block's scores and index sets. There is no backward pass: training uses the two
 operators, whose sparse attention saves what its backward needs.
+
+On the CPU with fp32 inputs, both steps run in the C++ kernels where they apply: the fused index
+scores (`dsa.ops.indexer.cpu`) and the sparse attention that reads each query's rows in place
+(`dsa.ops.sparse_attention.cpu`). Elsewhere the attention takes the tile-union forward of
+`sparse_attention_torch`.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_attention_inputs, check_indexer_inputs, check_score_dtype, resolve_mask_args
+from dsa.ops.indexer.cpu import cpu_kernel_applies
+from dsa.ops.indexer.torch import kernel_layout
+from dsa.ops.sparse_attention.cpu import sparse_attention_cpu, sparse_attention_cpu_applies
 from dsa.ops.sparse_attention.torch import _union_forward
 from dsa.ops.topk.torch import select_topk_torch
 
 SCORE_BUDGET = 2**22
-"""Upper bound on the per-head score elements [Tc * HI, S] of one selection chunk: 16 MiB of fp32."""
+"""Upper bound on the score elements of one selection chunk, 16 MiB of fp32: the per-head logits
+[Tc * HI, S] on the PyTorch path, the scores [Tc, S] with the fused CPU kernel, which writes no logits."""
 
 MIN_CHUNK = 16
 """Minimum queries per selection chunk, however long the keys, so that per-chunk overhead stays small."""
@@ -53,8 +62,8 @@ def sparse_prefill_torch(
 
     The result equals `select_topk_torch` followed by `sparse_attention_torch`, but [B, T, K] is never
     allocated. Blocks have `chunk_size` queries. Their selection runs in chunks of fewer queries at long
-    S (see SCORE_BUDGET), while their attention keeps tiles of 64 queries, because SDPA calls over few
-    rows are slow. `score_dtype` is the dtype of the index scores' q . k product (`select_topk_torch`).
+    S (see SCORE_BUDGET); without the CPU kernel, their attention keeps tiles of 64 queries, because
+    SDPA calls over few rows are slow. `score_dtype` is the dtype of the index scores' q . k product (`select_topk_torch`).
     Raises ValueError when a gradient is required, since there is no backward pass.
     """
     batch, queries, heads, head_dim = q.shape
@@ -77,11 +86,16 @@ def sparse_prefill_torch(
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     scale = head_dim**-0.5 if scale is None else float(scale)
     block = chunk_size
-    score_chunk = _score_chunk(chunk_size, q_idx.shape[2], keys)
     check_score_dtype(score_dtype)
-    # Converted once here, so that each block's selection reads the keys without a copy.
-    k_idx = k_idx.to(score_dtype)
+    # Converted once here, so that each block's selection reads the keys without a copy: to the score
+    # dtype and, where the fused CPU kernel runs, to its layout [B, DI, S] (passed on as a transposed view).
+    k_idx_t = kernel_layout(k_idx.to(score_dtype).transpose(1, 2), chunk_size, q_idx.shape[2])
+    k_idx = k_idx_t.transpose(1, 2)
+    # The kernel writes no per-head logits, so its chunks are bounded by the scores alone.
+    fused = cpu_kernel_applies(q_idx, k_idx_t)
+    score_chunk = _score_chunk(chunk_size, 1 if fused else q_idx.shape[2], keys)
 
+    attend_in_kernel = sparse_attention_cpu_applies(q, k, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     counts = torch.empty(batch, queries, dtype=torch.int64, device=q.device)
     for start in range(0, queries, block):
@@ -95,7 +109,10 @@ def sparse_prefill_torch(
             attention_mask=None if attention_mask is None else attention_mask[:, start:stop, :span],
             sink_tokens=sink_tokens, local_tokens=local_tokens, chunk_size=score_chunk, score_dtype=score_dtype,
         )
-        block_out, _ = _union_forward(q[:, start:stop], k[:, :span], v[:, :span], indices, scale, block, need_lse=False)
+        if attend_in_kernel:
+            block_out = sparse_attention_cpu(q[:, start:stop], k[:, :span], v[:, :span], indices, scale)
+        else:
+            block_out, _ = _union_forward(q[:, start:stop], k[:, :span], v[:, :span], indices, scale, block, need_lse=False)
         out[:, start:stop] = block_out
         counts[:, start:stop] = (indices >= 0).sum(dim=-1)
     return out, counts

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_attention_inputs
+from dsa.ops.sparse_attention.cpu import sparse_attention_cpu, sparse_attention_cpu_applies
 
 
 def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -298,12 +299,16 @@ def sparse_attention_torch(
 
     One index set per query serves all H heads; -1 slots are skipped and a row without valid
     indices returns 0. Decoding (T = 1) gathers K rows and touches nothing else of the cache.
+    Without autograd and lse, fp32 CPU inputs of the common head shapes go to the C++ kernel of
+    `dsa.ops.sparse_attention.cpu`, which reads each query's rows in place.
     """
     check_attention_inputs(q, k, v, indices)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid; expected an integer >= 1.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not needs_grad and not return_lse and sparse_attention_cpu_applies(q, k, v):
+        return sparse_attention_cpu(q, k, v, indices, scale)
     if not needs_grad and q.shape[1] == 1 and not return_lse and bool((indices >= 0).all()):
         return _full_decode(q, k, v, indices, scale)
     if not needs_grad and q.shape[1] > 1:

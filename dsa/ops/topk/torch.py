@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from dsa.ops._checks import check_indexer_inputs, check_score_dtype, resolve_mask_args
-from dsa.ops.indexer.torch import index_scores_chunk
+from dsa.ops.indexer.torch import index_scores_chunk, kernel_layout
 from dsa.ops.masks import forced_keys, visible_keys
 from dsa.ops.topk.naive import check_selection_args
 
@@ -55,6 +55,9 @@ def select_topk_torch(
         scores_fn = _torch_scores
 
     k_idx_t = k_idx.to(score_dtype).transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
+    if scores_fn is _torch_scores:
+        # The fused CPU kernel reads keys with unit stride along S: one copy for all chunks.
+        k_idx_t = kernel_layout(k_idx_t, min(chunk_size, queries), q_idx.shape[2])
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
     plain = sink_tokens == 0 and local_tokens == 0
     for start in range(0, queries, chunk_size):

@@ -1,0 +1,336 @@
+// CPU kernels of DSA, loaded by dsa/ops/_cpu.py. Inference only: neither has a backward pass.
+//
+// index_scores: fused lightning indexer scores, score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]).
+// The PyTorch path writes the per-head logits [Tc * HI, S] to memory, reads them back for the ReLU,
+// and again for the head-weighted sum. At SmolLM2's indexer shape (HI 4, DI 32) those passes, not the
+// multiplications, set its speed. Here each block of keys stays in registers from the q . k product to
+// the weighted sum, and only the scores [Tc, S] are written.
+//
+// Keys arrive transposed, k_t [B, DI, S] with unit stride along S, so one vector holds one dimension of
+// consecutive keys. The loop order keeps a block of KEY_BLOCK keys in L1 while every query of the chunk
+// reads it. Written with GCC vector extensions, so the compiler picks the instructions the machine has
+// (AVX-512 or AVX2); the Python loader compiles it with -march=native.
+//
+// sparse_attention: each query attends only the keys its index row lists, read in place from the
+// key/value cache (see the comment above that function).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+using vec = float __attribute__((vector_size(64)));  // 16 lanes
+constexpr int64_t LANES = 16;
+constexpr int64_t VECS = 2;                  // vectors per head and key group
+constexpr int64_t GROUP = LANES * VECS;      // keys per register block
+constexpr int64_t KEY_BLOCK = 4 * GROUP;     // keys per parallel work item
+constexpr int64_t QUERY_BLOCK = 3;           // queries per register block
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof(vec));
+  return v;
+}
+
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+
+// For QB queries, adds sum over NH heads of w[h] * relu(q[h] . k[:, group]) to score (GROUP keys each).
+// q is packed [DI][HI][QB] (see pack_queries) and points at the first of the NH heads; w[j * w_stride + h]
+// is query j's weight of head h. k holds head_dim rows, row d at k + d * k_stride. One load of a key
+// vector serves QB * NH products.
+template <int QB, int NH>
+inline void add_heads(const float* q, int64_t heads, int64_t head_dim, const float* k, int64_t k_stride,
+                      const float* w, int64_t w_stride, vec (&score)[QB][VECS]) {
+  vec acc[QB][NH][VECS];
+  for (int j = 0; j < QB; ++j)
+    for (int h = 0; h < NH; ++h)
+      for (int v = 0; v < VECS; ++v) acc[j][h][v] = vec{};
+  for (int64_t d = 0; d < head_dim; ++d) {
+    vec kd[VECS];
+    for (int v = 0; v < VECS; ++v) kd[v] = load(k + d * k_stride + v * LANES);
+    const float* q_d = q + d * heads * QB;
+    for (int h = 0; h < NH; ++h)
+      for (int j = 0; j < QB; ++j) {
+        const float qv = q_d[h * QB + j];
+        for (int v = 0; v < VECS; ++v) acc[j][h][v] += qv * kd[v];
+      }
+  }
+  const vec zero{};
+  for (int j = 0; j < QB; ++j)
+    for (int h = 0; h < NH; ++h)
+      for (int v = 0; v < VECS; ++v) score[j][v] += w[j * w_stride + h] * (acc[j][h][v] > zero ? acc[j][h][v] : zero);
+}
+
+// Scores of QB queries (packed [DI][HI][QB] at q) against GROUP keys starting at k (rows of stride
+// k_stride); query j's scores go to out + j * out_stride.
+template <int QB>
+inline void score_group(const float* q, const float* w, int64_t heads, int64_t head_dim, const float* k,
+                        int64_t k_stride, float* out, int64_t out_stride) {
+  vec score[QB][VECS];
+  for (int j = 0; j < QB; ++j)
+    for (int v = 0; v < VECS; ++v) score[j][v] = vec{};
+  int64_t h = 0;
+  for (; h + 4 <= heads; h += 4) add_heads<QB, 4>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
+  for (; h + 2 <= heads; h += 2) add_heads<QB, 2>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
+  for (; h < heads; ++h) add_heads<QB, 1>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
+  for (int j = 0; j < QB; ++j)
+    for (int v = 0; v < VECS; ++v) store(out + j * out_stride + v * LANES, score[j][v]);
+}
+
+// Copies qb queries q[t .. t + qb) [HI, DI] into out as [DI][HI][qb], so that the QB * NH values a key
+// vector meets at one dimension lie next to each other.
+inline void pack_queries(const float* q, int64_t qb, int64_t heads, int64_t head_dim, float* out) {
+  for (int64_t j = 0; j < qb; ++j)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t d = 0; d < head_dim; ++d) out[(d * heads + h) * qb + j] = q[(j * heads + h) * head_dim + d];
+}
+
+}  // namespace
+
+// q [B, Tc, HI, DI], k_t [B, DI, S] (stride 1 along S), w [B, Tc, HI] already scaled; all fp32.
+// Returns scores [B, Tc, S] fp32.
+torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_t.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32,
+              "index_scores expects fp32 q, k_t and w");
+  TORCH_CHECK(q.dim() == 4 && k_t.dim() == 3 && w.dim() == 3, "index_scores expects q [B, Tc, HI, DI], "
+              "k_t [B, DI, S] and w [B, Tc, HI]");
+  TORCH_CHECK(k_t.stride(2) == 1, "index_scores expects k_t with unit stride along S");
+  q = q.contiguous();
+  w = w.contiguous();
+  const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t keys = k_t.size(2);
+  TORCH_CHECK(k_t.size(0) == batch && k_t.size(1) == head_dim && w.size(0) == batch && w.size(1) == queries &&
+                  w.size(2) == heads,
+              "index_scores got mismatched shapes");
+  auto out = torch::empty({batch, queries, keys}, q.options());
+  const float* q_ptr = q.data_ptr<float>();
+  const float* w_ptr = w.data_ptr<float>();
+  const float* k_ptr = k_t.data_ptr<float>();
+  float* out_ptr = out.data_ptr<float>();
+  const int64_t k_batch_stride = k_t.stride(0), k_stride = k_t.stride(1);
+  const int64_t blocks = (keys + KEY_BLOCK - 1) / KEY_BLOCK;
+  // Queries packed per block of QUERY_BLOCK (the remainder one by one), at the same offsets as in q.
+  std::vector<float> q_packed(static_cast<size_t>(batch * queries * heads * head_dim));
+  const int64_t full_queries = queries / QUERY_BLOCK * QUERY_BLOCK;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < queries; t += t < full_queries ? QUERY_BLOCK : 1) {
+      const int64_t offset = (b * queries + t) * heads * head_dim;
+      pack_queries(q_ptr + offset, t < full_queries ? QUERY_BLOCK : 1, heads, head_dim, q_packed.data() + offset);
+    }
+
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    // Each work item first packs its keys into a contiguous [DI, KEY_BLOCK] buffer, zero-padded past the
+    // last key. Rows of k_t lie S floats apart; read in place, a power-of-two S maps all DI rows of a
+    // block to the same L1 cache sets.
+    std::vector<float> packed(static_cast<size_t>(head_dim * KEY_BLOCK));
+    std::vector<float> tail_out(static_cast<size_t>(queries * KEY_BLOCK));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks;
+      const int64_t first = (item % blocks) * KEY_BLOCK;
+      const int64_t count = std::min(KEY_BLOCK, keys - first);
+      const int64_t groups = (count + GROUP - 1) / GROUP;
+      const float* k_b = k_ptr + b * k_batch_stride + first;
+      if (count < KEY_BLOCK) std::fill(packed.begin(), packed.end(), 0.0f);
+      for (int64_t d = 0; d < head_dim; ++d)
+        std::memcpy(packed.data() + d * KEY_BLOCK, k_b + d * k_stride, count * sizeof(float));
+      // Scores of a partial block go to a buffer first, so that no store passes the row's end.
+      float* dest = count == KEY_BLOCK ? out_ptr + b * queries * keys + first : tail_out.data();
+      const int64_t dest_stride = count == KEY_BLOCK ? keys : KEY_BLOCK;
+      const float* q_b = q_packed.data() + b * queries * heads * head_dim;
+      const float* w_b = w_ptr + b * queries * heads;
+      int64_t t = 0;
+      for (; t < full_queries; t += QUERY_BLOCK)
+        for (int64_t g = 0; g < groups; ++g)
+          score_group<QUERY_BLOCK>(q_b + t * heads * head_dim, w_b + t * heads, heads, head_dim,
+                                   packed.data() + g * GROUP, KEY_BLOCK, dest + t * dest_stride + g * GROUP,
+                                   dest_stride);
+      for (; t < queries; ++t)
+        for (int64_t g = 0; g < groups; ++g)
+          score_group<1>(q_b + t * heads * head_dim, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP,
+                         KEY_BLOCK, dest + t * dest_stride + g * GROUP, dest_stride);
+      if (count < KEY_BLOCK)
+        for (int64_t t = 0; t < queries; ++t)
+          std::memcpy(out_ptr + (b * queries + t) * keys + first, tail_out.data() + t * KEY_BLOCK,
+                      count * sizeof(float));
+    }
+  });
+  return out;
+}
+
+namespace {
+
+using ivec = int32_t __attribute__((vector_size(64)));
+
+// exp(x) for 16 lanes, x <= 0 (softmax after subtracting the row maximum); relative error about 2e-7.
+// x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial to degree 7, 2^n in the exponent bits.
+inline vec exp_nonpositive(vec x) {
+  const vec lowest = vec{} - 87.0f;  // below this 2^n leaves the normal range
+  x = x < lowest ? lowest : x;
+  const vec t = x * 1.44269504088896341f;
+  const vec half = vec{} + 0.5f;
+  const ivec n = __builtin_convertvector(t - half, ivec);  // t <= 0: truncation of t - 1/2 rounds
+  const vec fn = __builtin_convertvector(n, vec);
+  const vec r = x - fn * 0.693145751953125f - fn * 1.428606765330187e-06f;
+  vec p = vec{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const ivec bits = (n + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(vec));
+  return p * scale;
+}
+
+// Sum of the 16 lanes by halving: four shuffles and adds, where a lane-by-lane loop takes sixteen adds in
+// a chain.
+inline float hsum(vec v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// One query row and one kv head: the G query heads q (G rows of DV vectors, already scaled) attend the
+// keys listed in idx[0 .. count). probs is scratch of G * count floats; out receives G rows of DV vectors.
+template <int G, int DV>
+void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const float* k, int64_t k_stride,
+                const float* v, int64_t v_stride, float* probs, float* out) {
+  vec max_v[G];
+  for (int h = 0; h < G; ++h) max_v[h] = vec{} - __builtin_inff();
+  float max_s[G];
+  for (int h = 0; h < G; ++h) max_s[h] = -__builtin_inff();
+  for (int64_t i = 0; i < count; ++i) {
+    const float* k_row = k + idx[i] * k_stride;
+    vec acc[G];
+    for (int h = 0; h < G; ++h) acc[h] = vec{};
+    for (int c = 0; c < DV; ++c) {
+      const vec kc = load(k_row + c * LANES);
+      for (int h = 0; h < G; ++h) acc[h] += q[h][c] * kc;
+    }
+    for (int h = 0; h < G; ++h) {
+      const float s = hsum(acc[h]);
+      probs[h * count + i] = s;
+      max_s[h] = std::max(max_s[h], s);
+    }
+  }
+  float inv_sum[G];
+  for (int h = 0; h < G; ++h) {
+    float* p = probs + h * count;
+    const vec m = vec{} + max_s[h];
+    vec sum = vec{};
+    int64_t i = 0;
+    for (; i + LANES <= count; i += LANES) {
+      const vec e = exp_nonpositive(load(p + i) - m);
+      store(p + i, e);
+      sum += e;
+    }
+    float total = hsum(sum);
+    if (i < count) {
+      vec tail_in = vec{};
+      std::memcpy(&tail_in, p + i, (count - i) * sizeof(float));
+      const vec e = exp_nonpositive(tail_in - m);
+      for (int64_t j = 0; j < count - i; ++j) {
+        p[i + j] = e[j];
+        total += e[j];
+      }
+    }
+    inv_sum[h] = 1.0f / total;
+  }
+  vec acc[G][DV];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < DV; ++c) acc[h][c] = vec{};
+  for (int64_t i = 0; i < count; ++i) {
+    const float* v_row = v + idx[i] * v_stride;
+    for (int c = 0; c < DV; ++c) {
+      const vec vc = load(v_row + c * LANES);
+      for (int h = 0; h < G; ++h) acc[h][c] += probs[h * count + i] * vc;
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < DV; ++c) store(out + (h * DV + c) * LANES, acc[h][c] * inv_sum[h]);
+}
+
+template <int G, int DV>
+void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           const torch::Tensor& indices, float scale, torch::Tensor& out) {
+  const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t kv_heads = k.size(2), slots = indices.size(2);
+  const float* q_ptr = q.data_ptr<float>();
+  const float* k_ptr = k.data_ptr<float>();
+  const float* v_ptr = v.data_ptr<float>();
+  const int64_t* idx_ptr = indices.data_ptr<int64_t>();
+  float* out_ptr = out.data_ptr<float>();
+  // One work item is one query row and one kv head, so that a decode step (one row) still spreads
+  // over the threads.
+  at::parallel_for(0, batch * queries * kv_heads, 8, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> valid(static_cast<size_t>(slots));
+    std::vector<float> probs(static_cast<size_t>(G * slots));
+    int64_t listed_row = -1, count = 0;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / kv_heads, g = item % kv_heads;
+      const int64_t b = row / queries;
+      if (row != listed_row) {
+        const int64_t* idx = idx_ptr + row * slots;
+        count = 0;
+        for (int64_t i = 0; i < slots; ++i)
+          if (idx[i] >= 0) valid[count++] = idx[i];
+        listed_row = row;
+      }
+      float* out_head = out_ptr + (row * heads + g * G) * head_dim;
+      if (count == 0) {  // no key: the row's output is 0, as in the reference
+        std::fill(out_head, out_head + G * head_dim, 0.0f);
+        continue;
+      }
+      vec q_row[G][DV];
+      for (int h = 0; h < G; ++h)
+        for (int c = 0; c < DV; ++c)
+          q_row[h][c] = load(q_ptr + (row * heads + g * G + h) * head_dim + c * LANES) * scale;
+      attend_row<G, DV>(q_row, valid.data(), count, k_ptr + b * k.stride(0) + g * k.stride(2), k.stride(1),
+                        v_ptr + b * v.stride(0) + g * v.stride(2), v.stride(1), probs.data(), out_head);
+    }
+  });
+}
+
+}  // namespace
+
+// Sparse attention forward, fp32: q [B, T, H, D] (made contiguous), k and v [B, S, HKV, D] with unit stride
+// along D (any other strides, such as a transposed [B, HKV, S, D] cache), indices [B, T, K] int64 with -1 in
+// empty slots. Query head h reads kv head h / G, G = H / HKV. Supported: G in 1..4 and 8, D in 64 and 128
+// (sparse_attention_supported() in Python says so before calling).
+torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor indices,
+                               double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
+              "sparse_attention expects fp32 q, k and v");
+  TORCH_CHECK(indices.dtype() == torch::kInt64, "sparse_attention expects int64 indices");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "sparse_attention expects unit stride along D");
+  q = q.contiguous();
+  indices = indices.contiguous();
+  auto out = torch::empty_like(q);
+  const int64_t groups = q.size(2) / k.size(2), head_dim = q.size(3);
+  const float s = static_cast<float>(scale);
+#define DSA_ATTEND_CASE(G, D)                                        \
+  if (groups == G && head_dim == D) {                                \
+    sparse_attention_impl<G, D / LANES>(q, k, v, indices, s, out);   \
+    return out;                                                      \
+  }
+  DSA_ATTEND_CASE(1, 64) DSA_ATTEND_CASE(2, 64) DSA_ATTEND_CASE(3, 64) DSA_ATTEND_CASE(4, 64) DSA_ATTEND_CASE(8, 64)
+  DSA_ATTEND_CASE(1, 128) DSA_ATTEND_CASE(2, 128) DSA_ATTEND_CASE(3, 128) DSA_ATTEND_CASE(4, 128)
+  DSA_ATTEND_CASE(8, 128)
+#undef DSA_ATTEND_CASE
+  TORCH_CHECK(false, "sparse_attention supports G = H / HKV in 1-4 and 8 and D in 64 and 128; got G = ", groups,
+              " and D = ", head_dim);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("index_scores", &index_scores, "Fused lightning indexer scores (fp32, CPU)");
+  m.def("sparse_attention", &sparse_attention, "Sparse attention forward over index rows (fp32, CPU)");
+}

@@ -1,0 +1,39 @@
+"""Sparse attention forward on the CPU (the C++ kernel `sparse_attention` of dsa/ops/_cpu.cpp).
+
+Each query reads only the key and value rows its index row lists, in place in the cache, with the
+softmax in registers and scratch of K floats per head: no gathered [T, K, D] copies, no masks. It
+computes what `sparse_attention_reference` computes (without the log-sum-exp), for fp32 inputs and
+the common head shapes; `sparse_attention_torch` and the fused prefill take it where it applies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsa.ops._cpu import cpu_kernels
+
+# Query heads per kv head and head dims the kernel is compiled for.
+SUPPORTED_GROUPS = (1, 2, 3, 4, 8)
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def sparse_attention_cpu_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when `sparse_attention_cpu` can take q [B, T, H, D], k and v [B, S, HKV, D]: fp32 CPU
+    tensors, unit stride along D, a supported head shape, no gradient needed, and the kernels build."""
+    if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (q, k, v)):
+        return False
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        return False
+    if q.shape[2] % k.shape[2] or q.shape[2] // k.shape[2] not in SUPPORTED_GROUPS or q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    return cpu_kernels() is not None
+
+
+def sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return out [B, T, H, D] for q [B, T, H, D], k and v [B, S, HKV, D] and indices [B, T, K] (int64,
+    -1 in empty slots; a row without keys gives 0). Callers check `sparse_attention_cpu_applies` first."""
+    kernels = cpu_kernels()
+    assert kernels is not None, "call sparse_attention_cpu_applies() before sparse_attention_cpu()"
+    return kernels.sparse_attention(q, k, v, indices.long(), float(scale))

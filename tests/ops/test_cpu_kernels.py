@@ -1,0 +1,181 @@
+"""The C++ CPU kernels (dsa/ops/_cpu.cpp) against the PyTorch paths and the references.
+
+The kernels build on first use; a machine without a C++ compiler fails these tests rather than skipping
+them, so that CI notices a broken build. DSA_CPU_KERNELS=0 in the environment skips them.
+"""
+
+import logging
+
+import pytest
+import torch
+
+import dsa.ops._cpu as cpu_module
+import dsa.ops.prefill.torch as prefill_module
+import dsa.ops.sparse_attention.torch as attention_module
+from dsa.ops._cpu import cpu_kernels, cpu_kernels_enabled
+from dsa.ops.indexer import index_scores_reference
+from dsa.ops.indexer.cpu import index_scores_chunk_cpu
+from dsa.ops.indexer.torch import index_scores_chunk, index_scores_chunk_torch, kernel_layout
+from dsa.ops.prefill import sparse_prefill_torch
+from dsa.ops.sparse_attention import sparse_attention_reference, sparse_attention_torch
+from dsa.ops.sparse_attention.cpu import sparse_attention_cpu, sparse_attention_cpu_applies
+from dsa.ops.topk import select_topk_reference, select_topk_torch
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_enabled(), reason="DSA_CPU_KERNELS=0 turns the CPU kernels off")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_kernels() is not None, "the CPU kernels did not build; see the warning logged by dsa.ops._cpu"
+
+
+def _indexer_inputs(batch, queries, keys, heads, head_dim, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, head_dim, generator=generator)
+    k = torch.randn(batch, keys, head_dim, generator=generator)
+    w = torch.randn(batch, queries, heads, generator=generator)
+    return q, k, w
+
+
+# Query counts around the kernel's block of 3 queries, key counts around its blocks of 32 and 128 keys,
+# head counts around its groups of 4 heads.
+@pytest.mark.parametrize(
+    ("batch", "queries", "keys", "heads", "head_dim"),
+    [(1, 16, 4096, 4, 32), (2, 17, 300, 3, 32), (1, 20, 129, 5, 16), (2, 64, 31, 4, 32), (1, 24, 1000, 20, 128)],
+)
+def test_index_scores_kernel_matches_torch_and_reference(batch, queries, keys, heads, head_dim):
+    q, k, w = _indexer_inputs(batch, queries, keys, heads, head_dim, seed=queries + keys)
+    k_t = k.transpose(1, 2).contiguous()
+    actual = index_scores_chunk_cpu(q, k_t, w)
+    torch.testing.assert_close(actual, index_scores_chunk_torch(q, k.transpose(1, 2), w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual, index_scores_reference(q, k, w), rtol=1e-5, atol=1e-5)
+
+
+def test_index_scores_kernel_reads_a_key_prefix_in_place():
+    """A chunk's keys are the first S' columns of [B, DI, S]: rows S apart, not S' apart."""
+    q, k, w = _indexer_inputs(2, 20, 500, 4, 32, seed=3)
+    k_t = k.transpose(1, 2).contiguous()
+    prefix = k_t[:, :, :333]
+    assert not prefix.is_contiguous()
+    torch.testing.assert_close(index_scores_chunk_cpu(q, prefix, w), index_scores_reference(q, k[:, :333], w), rtol=1e-5, atol=1e-5)
+
+
+def test_index_scores_chunk_takes_the_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    monkeypatch.setattr("dsa.ops.indexer.torch.index_scores_chunk_cpu", lambda *a: calls.append(1) or index_scores_chunk_cpu(*a))
+    q, k, w = _indexer_inputs(1, 32, 200, 4, 32)
+    layout = kernel_layout(k.transpose(1, 2), 32, 4)
+    assert layout.stride(-1) == 1
+    index_scores_chunk(q, layout, w)
+    assert len(calls) == 1
+    index_scores_chunk(q[:, :1], layout, w[:, :1])  # a decode step: 4 rows, the keys-major product
+    index_scores_chunk(q, k.transpose(1, 2), w)  # keys in the cache layout
+    index_scores_chunk(q.bfloat16(), layout.bfloat16(), w)  # a bf16 score product
+    assert len(calls) == 1
+    q.requires_grad_(True)
+    index_scores_chunk(q, layout, w)  # the kernel has no backward
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("top_k", [16, 100])
+def test_selection_with_the_kernel_equals_reference(top_k):
+    q, k, w = _indexer_inputs(2, 70, 300, 4, 32, seed=top_k)
+    with torch.no_grad():
+        actual = select_topk_torch(q, k, w, top_k, chunk_size=32)
+    assert torch.equal(actual, select_topk_reference(q, k, w, top_k))
+
+
+def _attention_inputs(batch, queries, keys, heads, kv_heads, head_dim, slots, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, head_dim, generator=generator)
+    # The Hugging Face cache layout: transposed views of [B, HKV, S, D].
+    k = torch.randn(batch, kv_heads, keys, head_dim, generator=generator).transpose(1, 2)
+    v = torch.randn(batch, kv_heads, keys, head_dim, generator=generator).transpose(1, 2)
+    scores = torch.rand(batch, queries, keys, generator=generator)
+    indices = scores.topk(slots, dim=-1).indices.sort(dim=-1).values
+    return q, k, v, indices
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (32, 8, 128), (4, 4, 64), (8, 1, 128), (4, 2, 64)]
+)
+def test_sparse_attention_kernel_matches_reference(heads, kv_heads, head_dim):
+    q, k, v, indices = _attention_inputs(2, 21, 300, heads, kv_heads, head_dim, 70, seed=heads)
+    indices[0, 3, 40:] = -1  # a partly filled row
+    indices[1, 5] = -1  # a row without keys gives 0
+    indices[1, 6, :10] = -1  # empty slots first
+    actual = sparse_attention_cpu(q, k, v, indices, head_dim**-0.5)
+    torch.testing.assert_close(actual, sparse_attention_reference(q, k, v, indices), rtol=1e-5, atol=1e-5)
+    assert torch.equal(actual[1, 5], torch.zeros_like(actual[1, 5]))
+
+
+def test_sparse_attention_kernel_softmax_over_a_wide_logit_range():
+    """Logits hundreds apart: the kernel's exp must underflow to 0 without NaN, as the reference's does."""
+    q, k, v, indices = _attention_inputs(1, 9, 400, 9, 3, 64, 200, seed=5)
+    q = q * 40.0
+    actual = sparse_attention_cpu(q, k, v, indices, 64**-0.5)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, sparse_attention_reference(q, k, v, indices), rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_attention_torch_takes_the_kernel_without_autograd(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_module, "sparse_attention_cpu", lambda *a: calls.append(1) or sparse_attention_cpu(*a))
+    q, k, v, indices = _attention_inputs(1, 12, 100, 9, 3, 64, 20)
+    expected = sparse_attention_reference(q, k, v, indices)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse_attention_torch(q, k, v, indices), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse_attention_torch(q[:, -1:], k, v, indices[:, -1:]), expected[:, -1:], rtol=1e-5, atol=1e-5)
+        sparse_attention_torch(q, k, v, indices, return_lse=True)  # the kernel computes no lse
+    assert len(calls) == 2
+    q.requires_grad_(True)
+    sparse_attention_torch(q, k, v, indices).sum().backward()  # the kernel has no backward
+    assert len(calls) == 2
+    assert not sparse_attention_cpu_applies(q.detach()[..., :48], k[..., :48], v[..., :48])  # D 48 is not compiled
+
+
+def test_fused_prefill_with_the_kernels_equals_the_two_operators(monkeypatch):
+    calls = []
+    monkeypatch.setattr(prefill_module, "sparse_attention_cpu", lambda *a: calls.append(1) or sparse_attention_cpu(*a))
+    q, k, v, _ = _attention_inputs(1, 300, 300, 9, 3, 64, 1)
+    q_idx, k_idx, w = _indexer_inputs(1, 300, 300, 4, 32, seed=9)
+    with torch.no_grad():
+        out, counts = sparse_prefill_torch(q, k, v, q_idx, k_idx, w, 64, chunk_size=128)
+    indices = select_topk_reference(q_idx, k_idx, w, 64)
+    torch.testing.assert_close(out, sparse_attention_reference(q, k, v, indices), rtol=1e-5, atol=1e-5)
+    assert torch.equal(counts, (indices >= 0).sum(dim=-1))
+    assert len(calls) == 3
+
+
+def test_build_failure_falls_back_to_pytorch(monkeypatch, caplog):
+    """Without a compiler the kernels are off with one warning, and the operators keep working."""
+    from torch.utils import cpp_extension
+
+    def failing_load(*args, **kwargs):
+        raise RuntimeError("Error building extension 'dsa_cpu_kernels': g++ not found")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    cpu_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dsa.ops._cpu"):
+            assert cpu_kernels() is None
+        assert "could not be built" in caplog.text and "g++ not found" in caplog.text
+        q, k, v, indices = _attention_inputs(1, 12, 100, 9, 3, 64, 20)
+        assert not sparse_attention_cpu_applies(q, k, v)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                sparse_attention_torch(q, k, v, indices), sparse_attention_reference(q, k, v, indices), rtol=1e-5, atol=1e-5
+            )
+    finally:
+        cpu_kernels.cache_clear()
+
+
+def test_environment_variable_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("DSA_CPU_KERNELS", "0")
+    cpu_kernels.cache_clear()
+    try:
+        assert cpu_kernels() is None
+    finally:
+        monkeypatch.delenv("DSA_CPU_KERNELS")
+        cpu_kernels.cache_clear()
+    assert cpu_module.cpu_kernels() is not None
