@@ -11,6 +11,9 @@
 // reads it. Written with GCC vector extensions, so the compiler picks the instructions the machine has
 // (AVX-512 or AVX2); the Python loader compiles it with -march=native.
 //
+// select_rows: each row's top-k keys under the reference's tie rule, found among the keys at or above a
+// bound taken from a sample of the row (see the comment above that function).
+//
 // sparse_attention: each query attends only the keys its index row lists, read in place from the
 // key/value cache (see the comment above that function).
 
@@ -19,6 +22,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <cstring>
 
 namespace {
@@ -330,7 +335,89 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               " and D = ", head_dim);
 }
 
+namespace {
+
+constexpr int64_t SAMPLE_STRIDE = 16;  // every 16th score forms a row's sample
+constexpr int64_t SAMPLED_MIN_SPAN = 8;  // rows of at least 8 * count keys are sampled
+
+// Writes row's `count` selected keys to out in ascending order, -1 after the last, following the
+// reference's rule: every score above the count-th largest, then the lowest-index keys equal to it.
+// Invisible keys are -inf and never selected. cand_idx and cand_val are scratch.
+void select_row(const float* row, int64_t span, int64_t count, int64_t* out, std::vector<int64_t>& cand_idx,
+                std::vector<float>& cand_val) {
+  cand_idx.clear();
+  cand_val.clear();
+  bool sampled = false;
+  if (span >= SAMPLED_MIN_SPAN * count) {
+    // The bound is the rank-th largest of the sample, with rank sized for about 1.25 * count keys at or
+    // above it. The count largest scores are then all at or above the bound whenever at least count
+    // keys reach it, which is checked; otherwise every key is a candidate.
+    for (int64_t i = 0; i < span; i += SAMPLE_STRIDE) cand_val.push_back(row[i]);
+    const int64_t rank = std::min<int64_t>(cand_val.size(), count * 5 / 4 / SAMPLE_STRIDE + 16);
+    std::nth_element(cand_val.begin(), cand_val.begin() + (rank - 1), cand_val.end(), std::greater<float>());
+    const float bound = cand_val[rank - 1];
+    cand_val.clear();
+    if (bound > -INFINITY) {
+      for (int64_t i = 0; i < span; ++i)
+        if (row[i] >= bound) {
+          cand_idx.push_back(i);
+          cand_val.push_back(row[i]);
+        }
+      sampled = static_cast<int64_t>(cand_idx.size()) >= count && static_cast<int64_t>(cand_idx.size()) <= span / 2;
+      if (!sampled) {
+        cand_idx.clear();
+        cand_val.clear();
+      }
+    }
+  }
+  if (!sampled) {
+    cand_idx.resize(span);
+    for (int64_t i = 0; i < span; ++i) cand_idx[i] = i;
+    cand_val.assign(row, row + span);
+  }
+  // The count-th largest candidate (candidates keep key order in cand_idx; cand_val is reordered here,
+  // so the values are read from the row again below).
+  const int64_t n = cand_idx.size();
+  const int64_t k = std::min(count, n);
+  std::nth_element(cand_val.begin(), cand_val.begin() + (k - 1), cand_val.end(), std::greater<float>());
+  const float kth = cand_val[k - 1];
+  int64_t above = 0;
+  for (int64_t j = 0; j < n; ++j) above += row[cand_idx[j]] > kth;
+  int64_t equal_left = kth > -INFINITY ? k - above : 0;
+  int64_t written = 0;
+  for (int64_t j = 0; j < n && written < count; ++j) {
+    const float value = row[cand_idx[j]];
+    if (value > kth || (value == kth && equal_left > 0)) {
+      if (value == kth) --equal_left;
+      out[written++] = cand_idx[j];
+    }
+  }
+  for (; written < count; ++written) out[written] = -1;
+}
+
+}  // namespace
+
+// scores [R, S'] fp32 (unit stride along S'), invisible keys -inf; returns indices [R, count] int64,
+// ascending, -1 after a row's last visible key. count <= S'.
+torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
+  TORCH_CHECK(scores.dtype() == torch::kFloat32 && scores.dim() == 2, "select_rows expects fp32 scores [R, S']");
+  TORCH_CHECK(count >= 1 && count <= scores.size(1), "select_rows expects 1 <= count <= S'");
+  scores = scores.contiguous();
+  const int64_t rows = scores.size(0), span = scores.size(1);
+  auto out = torch::empty({rows, count}, scores.options().dtype(torch::kInt64));
+  const float* score_ptr = scores.data_ptr<float>();
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> cand_idx;
+    std::vector<float> cand_val;
+    for (int64_t r = begin; r < end; ++r)
+      select_row(score_ptr + r * span, span, count, out_ptr + r * count, cand_idx, cand_val);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("index_scores", &index_scores, "Fused lightning indexer scores (fp32, CPU)");
+  m.def("select_rows", &select_rows, "Top-k keys of each score row, ascending, with the tie rule (CPU)");
   m.def("sparse_attention", &sparse_attention, "Sparse attention forward over index rows (fp32, CPU)");
 }

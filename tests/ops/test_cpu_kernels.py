@@ -20,6 +20,8 @@ from dsa.ops.prefill import sparse_prefill_torch
 from dsa.ops.sparse_attention import sparse_attention_reference, sparse_attention_torch
 from dsa.ops.sparse_attention.cpu import sparse_attention_cpu, sparse_attention_cpu_applies
 from dsa.ops.topk import select_topk_reference, select_topk_torch
+from dsa.ops.topk.cpu import select_rows_cpu
+from dsa.ops.topk.torch import SAMPLE_STRIDE, _ascending_indices, _choose
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_enabled(), reason="DSA_CPU_KERNELS=0 turns the CPU kernels off")
 
@@ -83,6 +85,36 @@ def test_selection_with_the_kernel_equals_reference(top_k):
     with torch.no_grad():
         actual = select_topk_torch(q, k, w, top_k, chunk_size=32)
     assert torch.equal(actual, select_topk_reference(q, k, w, top_k))
+
+
+def _rule(scores, count):
+    """The tie rule over whole rows, from the PyTorch selection's general path."""
+    return _ascending_indices(_choose(scores, ~torch.isneginf(scores), None, count), count)
+
+
+def test_select_rows_kernel_follows_the_tie_rule():
+    keys, count = 5000, 64
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(9, keys, generator=generator)
+    scores[1] = torch.randint(0, 4, (keys,), generator=generator).float()  # ties at the boundary
+    scores[2] = 1.0  # all equal: every key is a candidate, the lowest indices win
+    # High scores only at the sampled positions: fewer than count keys reach the sample's bound.
+    scores[3] = torch.arange(keys).remainder(SAMPLE_STRIDE).eq(0).float() * 10 + torch.rand(keys, generator=generator)
+    scores[4, keys // 3 :] = float("-inf")  # a causal row: invisible keys are -inf
+    scores[5, 40:] = float("-inf")  # fewer visible keys than count: all of them, then -1
+    scores[6] = float("-inf")  # no visible key: all -1
+    scores[7, :100] = 100.0  # more keys above the bound than half the row would allow
+    actual = select_rows_cpu(scores.unsqueeze(0), count)
+    assert actual.shape == (1, 9, count)
+    assert torch.equal(actual, _rule(scores.unsqueeze(0), count))
+    assert torch.equal(actual[0, 5, 40:], torch.full((count - 40,), -1))
+
+
+@pytest.mark.parametrize("keys", [64, 300, 20000])
+def test_select_rows_kernel_short_and_long_rows(keys):
+    """Rows shorter than SAMPLED_MIN_SPAN * count skip the sample; longer ones take it."""
+    scores = torch.randn(2, 7, keys, generator=torch.Generator().manual_seed(keys))
+    assert torch.equal(select_rows_cpu(scores, 64), _rule(scores, 64))
 
 
 def _attention_inputs(batch, queries, keys, heads, kv_heads, head_dim, slots, seed=0):

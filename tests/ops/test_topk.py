@@ -223,6 +223,7 @@ def test_boundary_ties_use_general_rule(monkeypatch):
     q = torch.randint(-1, 2, (1, 1, 2, 4), generator=generator).float()
     k = torch.randint(-1, 2, (1, 500, 4), generator=generator).float()
     w = torch.ones(1, 1, 2)
+    _pytorch_rule_only(monkeypatch)
     calls = []
     original = topk_torch_module._choose
     monkeypatch.setattr(topk_torch_module, "_choose", lambda *args: calls.append(1) or original(*args))
@@ -235,6 +236,8 @@ def test_no_ties_skip_general_rule(monkeypatch, queries):
     # Positive inputs give positive, distinct scores: no ties anywhere.
     q, k, w = (t.abs() for t in _inputs(1, queries, 400, seed=3))
 
+    _pytorch_rule_only(monkeypatch)
+
     def fail(*args):
         raise AssertionError("rows without boundary ties should not build the general rule's masks")
 
@@ -242,8 +245,16 @@ def test_no_ties_skip_general_rule(monkeypatch, queries):
     assert torch.equal(select_topk_torch(q, k, w, 32), select_topk_reference(q, k, w, 32))
 
 
+def _pytorch_rule_only(monkeypatch):
+    """Keep fp32 CPU scores on the PyTorch selection: the tests below check its own paths, which the C++
+    kernel (tested in test_cpu_kernels.py) otherwise replaces."""
+    monkeypatch.setattr(topk_torch_module, "select_rows_cpu_applies", lambda scores: False)
+
+
 def _spy_sampled(monkeypatch, name="_sampled_topk"):
-    """Record whether each call of the sampled path `name` returned a selection (True) or fell back (False)."""
+    """Record whether each call of the sampled path `name` returned a selection (True) or fell back (False).
+    Also keeps the selection on the PyTorch path."""
+    _pytorch_rule_only(monkeypatch)
     outcomes = []
     sampled = getattr(topk_torch_module, name)
 

@@ -16,6 +16,7 @@ import torch
 from dsa.ops._checks import check_indexer_inputs, check_score_dtype, resolve_mask_args
 from dsa.ops.indexer.torch import index_scores_chunk, kernel_layout
 from dsa.ops.masks import forced_keys, visible_keys
+from dsa.ops.topk.cpu import select_rows_cpu, select_rows_cpu_applies
 from dsa.ops.topk.naive import check_selection_args
 
 ScoresFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -104,12 +105,16 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
     """Return ascending indices [B, Tc, width] (-1 after the last) for scores [B, Tc, S'] whose invisible
     keys are already -inf, without the [B, Tc, S'] masks and cumulative sums of `_choose`.
 
-    Each row takes `topk`'s set, which is the tie rule's set unless a score equal to the row's k-th
-    largest is left out. Only such rows go through `_choose`. A row with fewer than `width` visible
+    fp32 scores on the CPU go to the C++ kernel (`dsa.ops.topk.cpu`). Otherwise each row takes `topk`'s
+    set, which is the tie rule's set unless a score equal to the row's k-th largest is left out. Only such rows go through `_choose`. A row with fewer than `width` visible
     keys (its k-th largest is -inf) keeps all of them.
     """
     span = scores.shape[-1]
     count = min(width, span)
+    if select_rows_cpu_applies(scores):
+        # The C++ kernel applies the same rule row by row, without [Tc, S'] temporaries.
+        indices = select_rows_cpu(scores, count)
+        return indices if count == width else torch.nn.functional.pad(indices, (0, width - count), value=-1)
     few_rows = scores.shape[0] * scores.shape[1] <= FEW_ROWS
     if not few_rows and span >= SAMPLED_MIN_SPAN * count:
         ascending = _sampled_select(scores, count)
