@@ -18,7 +18,7 @@ PYTHON=${PYTHON:-python}
 # on the held-out text, with the fp32 and the bf16 score product.
 for SCORES in float32 bfloat16; do
     "$PYTHON" benchmarks/bench_ops.py --inputs real --score-dtype "$SCORES" --tiers prefill \
-        --prefill-tokens 4096 8192 16384 32768 --repeats 1 --plot --output "$OUT/ops-real-prefill-$SCORES.json"
+        --prefill-tokens 4096 8192 16384 32768 65536 --repeats 1 --plot --output "$OUT/ops-real-prefill-$SCORES.json"
     "$PYTHON" benchmarks/bench_ops.py --inputs real --score-dtype "$SCORES" --tiers decode \
         --decode-tokens 8192 16384 32768 65536 --repeats 20 --plot --output "$OUT/ops-real-decode-$SCORES.json"
 done

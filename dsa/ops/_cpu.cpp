@@ -43,11 +43,23 @@ inline vec load(const float* p) {
 
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 
+using uvec = uint32_t __attribute__((vector_size(64)));
+
+// Rounds each lane to the nearest bf16 value (ties to even), kept as fp32: what a bf16 matrix product
+// returns for a logit it summed in fp32.
+inline vec round_bf16(vec x) {
+  uvec bits;
+  std::memcpy(&bits, &x, sizeof(vec));
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &bits, sizeof(vec));
+  return x;
+}
+
 // For QB queries, adds sum over NH heads of w[h] * relu(q[h] . k[:, group]) to score (GROUP keys each).
 // q is packed [DI][HI][QB] (see pack_queries) and points at the first of the NH heads; w[j * w_stride + h]
 // is query j's weight of head h. k holds head_dim rows, row d at k + d * k_stride. One load of a key
 // vector serves QB * NH products.
-template <int QB, int NH>
+template <int QB, int NH, bool ROUND>
 inline void add_heads(const float* q, int64_t heads, int64_t head_dim, const float* k, int64_t k_stride,
                       const float* w, int64_t w_stride, vec (&score)[QB][VECS]) {
   vec acc[QB][NH][VECS];
@@ -67,21 +79,24 @@ inline void add_heads(const float* q, int64_t heads, int64_t head_dim, const flo
   const vec zero{};
   for (int j = 0; j < QB; ++j)
     for (int h = 0; h < NH; ++h)
-      for (int v = 0; v < VECS; ++v) score[j][v] += w[j * w_stride + h] * (acc[j][h][v] > zero ? acc[j][h][v] : zero);
+      for (int v = 0; v < VECS; ++v) {
+        const vec logit = ROUND ? round_bf16(acc[j][h][v]) : acc[j][h][v];
+        score[j][v] += w[j * w_stride + h] * (logit > zero ? logit : zero);
+      }
 }
 
 // Scores of QB queries (packed [DI][HI][QB] at q) against GROUP keys starting at k (rows of stride
 // k_stride); query j's scores go to out + j * out_stride.
-template <int QB>
+template <int QB, bool ROUND>
 inline void score_group(const float* q, const float* w, int64_t heads, int64_t head_dim, const float* k,
                         int64_t k_stride, float* out, int64_t out_stride) {
   vec score[QB][VECS];
   for (int j = 0; j < QB; ++j)
     for (int v = 0; v < VECS; ++v) score[j][v] = vec{};
   int64_t h = 0;
-  for (; h + 4 <= heads; h += 4) add_heads<QB, 4>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
-  for (; h + 2 <= heads; h += 2) add_heads<QB, 2>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
-  for (; h < heads; ++h) add_heads<QB, 1>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
+  for (; h + 4 <= heads; h += 4) add_heads<QB, 4, ROUND>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
+  for (; h + 2 <= heads; h += 2) add_heads<QB, 2, ROUND>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
+  for (; h < heads; ++h) add_heads<QB, 1, ROUND>(q + h * QB, heads, head_dim, k, k_stride, w + h, heads, score);
   for (int j = 0; j < QB; ++j)
     for (int v = 0; v < VECS; ++v) store(out + j * out_stride + v * LANES, score[j][v]);
 }
@@ -96,11 +111,14 @@ inline void pack_queries(const float* q, int64_t qb, int64_t heads, int64_t head
 
 }  // namespace
 
-// q [B, Tc, HI, DI], k_t [B, DI, S] (stride 1 along S), w [B, Tc, HI] already scaled; all fp32.
-// Returns scores [B, Tc, S] fp32.
+// q [B, Tc, HI, DI] fp32, k_t [B, DI, S] fp32 or bf16 (stride 1 along S), w [B, Tc, HI] fp32 already scaled.
+// Returns scores [B, Tc, S] fp32. With bf16 keys the product is a bf16 product's: q must hold bf16 values
+// (the caller rounds it), the sum runs in fp32 and each logit is rounded to bf16 before the ReLU.
 torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_t.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32,
-              "index_scores expects fp32 q, k_t and w");
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "index_scores expects fp32 q and w");
+  TORCH_CHECK(k_t.dtype() == torch::kFloat32 || k_t.dtype() == torch::kBFloat16,
+              "index_scores expects fp32 or bf16 k_t");
+  const bool round = k_t.dtype() == torch::kBFloat16;
   TORCH_CHECK(q.dim() == 4 && k_t.dim() == 3 && w.dim() == 3, "index_scores expects q [B, Tc, HI, DI], "
               "k_t [B, DI, S] and w [B, Tc, HI]");
   TORCH_CHECK(k_t.stride(2) == 1, "index_scores expects k_t with unit stride along S");
@@ -114,7 +132,8 @@ torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) 
   auto out = torch::empty({batch, queries, keys}, q.options());
   const float* q_ptr = q.data_ptr<float>();
   const float* w_ptr = w.data_ptr<float>();
-  const float* k_ptr = k_t.data_ptr<float>();
+  const float* k_ptr = round ? nullptr : k_t.data_ptr<float>();
+  const at::BFloat16* k_bf16 = round ? k_t.data_ptr<at::BFloat16>() : nullptr;
   float* out_ptr = out.data_ptr<float>();
   const int64_t k_batch_stride = k_t.stride(0), k_stride = k_t.stride(1);
   const int64_t blocks = (keys + KEY_BLOCK - 1) / KEY_BLOCK;
@@ -138,10 +157,16 @@ torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) 
       const int64_t first = (item % blocks) * KEY_BLOCK;
       const int64_t count = std::min(KEY_BLOCK, keys - first);
       const int64_t groups = (count + GROUP - 1) / GROUP;
-      const float* k_b = k_ptr + b * k_batch_stride + first;
       if (count < KEY_BLOCK) std::fill(packed.begin(), packed.end(), 0.0f);
-      for (int64_t d = 0; d < head_dim; ++d)
-        std::memcpy(packed.data() + d * KEY_BLOCK, k_b + d * k_stride, count * sizeof(float));
+      if (round) {
+        const at::BFloat16* k_b = k_bf16 + b * k_batch_stride + first;
+        for (int64_t d = 0; d < head_dim; ++d)
+          for (int64_t i = 0; i < count; ++i) packed[d * KEY_BLOCK + i] = static_cast<float>(k_b[d * k_stride + i]);
+      } else {
+        const float* k_b = k_ptr + b * k_batch_stride + first;
+        for (int64_t d = 0; d < head_dim; ++d)
+          std::memcpy(packed.data() + d * KEY_BLOCK, k_b + d * k_stride, count * sizeof(float));
+      }
       // Scores of a partial block go to a buffer first, so that no store passes the row's end.
       float* dest = count == KEY_BLOCK ? out_ptr + b * queries * keys + first : tail_out.data();
       const int64_t dest_stride = count == KEY_BLOCK ? keys : KEY_BLOCK;
@@ -149,14 +174,27 @@ torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) 
       const float* w_b = w_ptr + b * queries * heads;
       int64_t t = 0;
       for (; t < full_queries; t += QUERY_BLOCK)
-        for (int64_t g = 0; g < groups; ++g)
-          score_group<QUERY_BLOCK>(q_b + t * heads * head_dim, w_b + t * heads, heads, head_dim,
-                                   packed.data() + g * GROUP, KEY_BLOCK, dest + t * dest_stride + g * GROUP,
-                                   dest_stride);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float* q_t = q_b + t * heads * head_dim;
+          float* out_t = dest + t * dest_stride + g * GROUP;
+          if (round)
+            score_group<QUERY_BLOCK, true>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP,
+                                           KEY_BLOCK, out_t, dest_stride);
+          else
+            score_group<QUERY_BLOCK, false>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP,
+                                            KEY_BLOCK, out_t, dest_stride);
+        }
       for (; t < queries; ++t)
-        for (int64_t g = 0; g < groups; ++g)
-          score_group<1>(q_b + t * heads * head_dim, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP,
-                         KEY_BLOCK, dest + t * dest_stride + g * GROUP, dest_stride);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float* q_t = q_b + t * heads * head_dim;
+          float* out_t = dest + t * dest_stride + g * GROUP;
+          if (round)
+            score_group<1, true>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP, KEY_BLOCK,
+                                 out_t, dest_stride);
+          else
+            score_group<1, false>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP, KEY_BLOCK,
+                                  out_t, dest_stride);
+        }
       if (count < KEY_BLOCK)
         for (int64_t t = 0; t < queries; ++t)
           std::memcpy(out_ptr + (b * queries + t) * keys + first, tail_out.data() + t * KEY_BLOCK,

@@ -53,6 +53,21 @@ def test_index_scores_kernel_matches_torch_and_reference(batch, queries, keys, h
     torch.testing.assert_close(actual, index_scores_reference(q, k, w), rtol=1e-5, atol=1e-5)
 
 
+def test_index_scores_kernel_bf16_product():
+    """bf16 keys: q rounded to bf16, fp32 sums, logits rounded to bf16. Only the fp32 summation order
+    differs from the PyTorch path (a logit can land one bf16 step away), and the selection is the
+    reference's."""
+    q, k, w = _indexer_inputs(1, 50, 3000, 4, 32, seed=11)
+    k_t = k.bfloat16().transpose(1, 2).contiguous()
+    actual = index_scores_chunk_cpu(q, k_t, w)
+    expected = index_scores_reference(q, k, w, score_dtype=torch.bfloat16)
+    torch.testing.assert_close(actual, expected, rtol=2**-7, atol=1e-4)
+    assert (actual == index_scores_chunk_torch(q.bfloat16(), k.bfloat16().transpose(1, 2), w)).float().mean() > 0.5
+    with torch.no_grad():
+        selected = select_topk_torch(q, k, w, 64, score_dtype=torch.bfloat16)
+    assert torch.equal(selected, select_topk_reference(q, k, w, 64, score_dtype=torch.bfloat16))
+
+
 def test_index_scores_kernel_reads_a_key_prefix_in_place():
     """A chunk's keys are the first S' columns of [B, DI, S]: rows S apart, not S' apart."""
     q, k, w = _indexer_inputs(2, 20, 500, 4, 32, seed=3)
@@ -73,10 +88,10 @@ def test_index_scores_chunk_takes_the_kernel_only_where_it_applies(monkeypatch):
     index_scores_chunk(q[:, :1], layout, w[:, :1])  # a decode step: 4 rows, the keys-major product
     index_scores_chunk(q, k.transpose(1, 2), w)  # keys in the cache layout
     index_scores_chunk(q.bfloat16(), layout.bfloat16(), w)  # a bf16 score product
-    assert len(calls) == 1
+    assert len(calls) == 2
     q.requires_grad_(True)
     index_scores_chunk(q, layout, w)  # the kernel has no backward
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("top_k", [16, 100])

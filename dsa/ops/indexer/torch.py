@@ -3,9 +3,9 @@
 The per-head logits [B, Tc, HI, S] exist for one chunk of Tc queries at a time; the head-weighted sum
 is a batched matrix-vector product, so no [B, T, HI, S] tensor is ever held.
 
-On the CPU, a chunk of many queries with fp32 keys in the transposed layout [B, DI, S] (unit stride
-along S) goes to the fused C++ kernel of `dsa.ops.indexer.cpu`, which never writes the logits;
-`index_scores_chunk_torch` is the PyTorch path it replaces and is checked against.
+On the CPU, a chunk of many queries with fp32 or bf16 keys in the transposed layout [B, DI, S] (unit
+stride along S) goes to the fused C++ kernel of `dsa.ops.indexer.cpu`, which never writes the
+logits; `index_scores_chunk_torch` is the PyTorch path it replaces and is checked against.
 
 The q . k product runs in the dtype of the keys it is given: fp32, or bf16 when the caller asks for a
 bf16 score product (`score_dtype`), where q and k are rounded to bf16 and the product returns bf16
@@ -28,7 +28,7 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
 
     The product runs in k_idx_t's dtype (fp32 or bf16). No validation: callers pass checked,
     transposed keys already in that dtype, so a loop over chunks converts them once. Many queries
-    against fp32 keys with unit stride along S take the fused CPU kernel (see `kernel_layout`).
+    against keys with unit stride along S take the fused CPU kernel (see `kernel_layout`).
     """
     if q_idx.shape[1] * q_idx.shape[2] > FEW_QUERY_HEADS and cpu_kernel_applies(q_idx, k_idx_t):
         return index_scores_chunk_cpu(q_idx, k_idx_t, weights)
