@@ -181,6 +181,15 @@ def test_sparse_attention_torch_takes_the_kernel_without_autograd(monkeypatch):
     assert not sparse_attention_cpu_applies(q.detach()[..., :48], k[..., :48], v[..., :48])  # D 48 is not compiled
 
 
+def test_sparse_attention_kernel_choice_by_head_dim():
+    """Blocks of queries with D 128 keep the tile-union forward (faster there); one query takes the kernel."""
+    q, k, v, _ = _attention_inputs(1, 4, 50, 32, 8, 128, 8)
+    assert not sparse_attention_cpu_applies(q, k, v)
+    assert sparse_attention_cpu_applies(q[:, :1], k, v)
+    q, k, v, _ = _attention_inputs(1, 4, 50, 9, 3, 64, 8)
+    assert sparse_attention_cpu_applies(q, k, v)
+
+
 def test_fused_prefill_with_the_kernels_equals_the_two_operators(monkeypatch):
     calls = []
     monkeypatch.setattr(prefill_module, "sparse_attention_cpu", lambda *a: calls.append(1) or sparse_attention_cpu(*a))
