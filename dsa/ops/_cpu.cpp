@@ -6,8 +6,8 @@
 // multiplications, set its speed. Here each block of keys stays in registers from the q . k product to
 // the weighted sum, and only the scores [Tc, S] are written.
 //
-// Keys arrive transposed, k_t [B, DI, S] with unit stride along S, so one vector holds one dimension of
-// consecutive keys. The loop order keeps a block of KEY_BLOCK keys in L1 while every query of the chunk
+// Keys arrive transposed, k_t [B, DI, S] with unit stride along S, so one vector contains one dimension
+// of consecutive keys. The loop order keeps a block of KEY_BLOCK keys in L1 while every query of the chunk
 // reads it. Written with GCC vector extensions, so the compiler picks the instructions the machine has
 // (AVX-512 or AVX2); the Python loader compiles it with -march=native.
 //
@@ -56,7 +56,7 @@ inline vec round_bf16(vec x) {
 }
 
 // For QB queries, adds sum over NH heads of w[h] * relu(q[h] . k[:, group]) to score (GROUP keys each).
-// q is packed [DI][HI][QB] (see pack_queries) and points at the first of the NH heads; w[j * w_stride + h]
+// q is packed [DI][HI][QB] (see pack_queries) and points at the first of the NH heads. w[j * w_stride + h]
 // is query j's weight of head h. k holds head_dim rows, row d at k + d * k_stride. One load of a key
 // vector serves QB * NH products.
 template <int QB, int NH, bool ROUND>
@@ -85,8 +85,8 @@ inline void add_heads(const float* q, int64_t heads, int64_t head_dim, const flo
       }
 }
 
-// Scores of QB queries (packed [DI][HI][QB] at q) against GROUP keys starting at k (rows of stride
-// k_stride); query j's scores go to out + j * out_stride.
+// Computes the scores of QB queries (packed [DI][HI][QB] at q) against GROUP keys starting at k (rows
+// of stride k_stride). Query j's scores go to out + j * out_stride.
 template <int QB, bool ROUND>
 inline void score_group(const float* q, const float* w, int64_t heads, int64_t head_dim, const float* k,
                         int64_t k_stride, float* out, int64_t out_stride) {
@@ -148,8 +148,8 @@ torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) 
 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     // Each work item first packs its keys into a contiguous [DI, KEY_BLOCK] buffer, zero-padded past the
-    // last key. Rows of k_t lie S floats apart; read in place, a power-of-two S maps all DI rows of a
-    // block to the same L1 cache sets.
+    // last key. Rows of k_t lie S floats apart, so read in place, a power-of-two S would map all DI rows
+    // of a block to the same L1 cache sets.
     std::vector<float> packed(static_cast<size_t>(head_dim * KEY_BLOCK));
     std::vector<float> tail_out(static_cast<size_t>(queries * KEY_BLOCK));
     for (int64_t item = begin; item < end; ++item) {
@@ -254,7 +254,7 @@ constexpr int largest_divisor_at_most(int n, int cap) {
 //
 // Register blocking: the logits pass takes HG heads at a time and the value pass CB vectors of each
 // value row at a time, so that the accumulators and the query vectors they use fit in 16 vector
-// registers (Qwen3-4B's G 4 x D 128 would need 32 for either pass at once, and spill).
+// registers. Qwen3-4B's G 4 x D 128 would need 32 for either pass at once, and spill.
 template <int G, int DV>
 void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const float* k, int64_t k_stride,
                 const float* v, int64_t v_stride, float* probs, float* out) {
@@ -403,7 +403,7 @@ void select_row(const float* row, int64_t span, int64_t count, int64_t* out, std
   if (span >= SAMPLED_MIN_SPAN * count) {
     // The bound is the rank-th largest of the sample, with rank sized for about 1.25 * count keys at or
     // above it. The count largest scores are then all at or above the bound whenever at least count
-    // keys reach it, which is checked; otherwise every key is a candidate.
+    // keys reach it. That is checked, and where it fails every key is a candidate.
     for (int64_t i = 0; i < span; i += SAMPLE_STRIDE) cand_val.push_back(row[i]);
     const int64_t rank = std::min<int64_t>(cand_val.size(), count * 5 / 4 / SAMPLE_STRIDE + 16);
     std::nth_element(cand_val.begin(), cand_val.begin() + (rank - 1), cand_val.end(), std::greater<float>());

@@ -5,7 +5,8 @@ is a batched matrix-vector product, so no [B, T, HI, S] tensor is ever held.
 
 On the CPU, a chunk of many queries with fp32 or bf16 keys in the transposed layout [B, DI, S] (unit
 stride along S) goes to the fused C++ kernel of `dsa.ops.indexer.cpu`, which never writes the
-logits; `index_scores_chunk_torch` is the PyTorch path it replaces and is checked against.
+logits. `index_scores_chunk_torch` is the PyTorch path it replaces, and the tests check one against
+the other.
 
 The q . k product runs in the dtype of the keys it is given: fp32, or bf16 when the caller asks for a
 bf16 score product (`score_dtype`), where q and k are rounded to bf16 and the product returns bf16
@@ -48,7 +49,7 @@ def kernel_layout(k_idx_t: torch.Tensor, queries: int, heads: int) -> torch.Tens
 
 
 def index_scores_chunk_torch(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The PyTorch path of `index_scores_chunk`: per-head logits, ReLU, then the head-weighted sum."""
+    """Compute `index_scores_chunk` in PyTorch: per-head logits, ReLU, then the head-weighted sum."""
     batch, queries, heads, head_dim = q_idx.shape
     scale = heads**-0.5 * head_dim**-0.5
     head_weights = (weights.float() * scale).unsqueeze(-1)  # [B, Tc, HI, 1]

@@ -3,7 +3,7 @@
 Each query reads only the key and value rows its index row lists, in place in the cache, with the
 softmax in registers and scratch of K floats per head: no gathered [T, K, D] copies, no masks. It
 computes what `sparse_attention_reference` computes (without the log-sum-exp), for fp32 inputs and
-the common head shapes; `sparse_attention_torch` and the fused prefill take it where it applies.
+the common head shapes. `sparse_attention_torch` and the fused prefill take it where it applies.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ decode step takes the kernel at every supported shape (5.2 against 12.3 ms at Qw
 
 
 def sparse_attention_cpu_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True when `sparse_attention_cpu` can take q [B, T, H, D], k and v [B, S, HKV, D] and is the
-    faster choice: fp32 CPU tensors, unit stride along D, a supported head shape, one query or a head
-    dim of at most MANY_ROWS_MAX_HEAD_DIM, no gradient needed, and the kernels build."""
+    """Check whether `sparse_attention_cpu` can take q [B, T, H, D], k and v [B, S, HKV, D] and is the
+    faster choice. That needs fp32 CPU tensors with unit stride along D and a supported head shape. It
+    also needs one query or a head dim of at most MANY_ROWS_MAX_HEAD_DIM, no gradient, and a build."""
     if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (q, k, v)):
         return False
     if q.shape[1] > 1 and q.shape[3] > MANY_ROWS_MAX_HEAD_DIM:
