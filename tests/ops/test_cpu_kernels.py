@@ -216,7 +216,7 @@ def test_build_failure_falls_back_to_pytorch(monkeypatch, caplog):
         with caplog.at_level(logging.WARNING, logger="dsa.ops._cpu"):
             assert cpu_kernels() is None
         assert "could not be built" in caplog.text
-    assert "g++ not found" in caplog.text
+        assert "g++ not found" in caplog.text
         q, k, v, indices = _attention_inputs(1, 12, 100, 9, 3, 64, 20)
         assert not sparse_attention_cpu_applies(q, k, v)
         with torch.no_grad():
