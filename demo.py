@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 import dsa
 from dsa.evaluation.passkey import build_passkey_prompt
+from dsa.ops._cpu import cpu_kernels
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ADAPTER = ROOT / "adapters" / "smollm2-135m"
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     filler = tokenizer(text, add_special_tokens=False)["input_ids"]
     prompt = build_passkey_prompt(tokenizer, filler, args.context_tokens, args.depth, key)
     logger.info("Prompt: %d tokens of %s, pass key %s hidden at %.0f%% depth; top_k %d", prompt.shape[1], Path(args.prompt_file).name, key, 100 * args.depth, top_k)
+
+    # The CPU kernels compile on first use (about half a minute); build them before anything is timed.
+    if next(model.parameters()).device.type == "cpu":
+        cpu_kernels()
 
     results = {}
     for mode in ("sparse", "dense"):

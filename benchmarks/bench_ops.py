@@ -737,9 +737,18 @@ def wait_for_idle(max_wait_s: float) -> float:
     """Wait until other processes use at most CONTENTION_WARNING_CORES or max_wait_s has passed; return
     the seconds waited."""
     started = time.perf_counter()
+    announced = False
     while time.perf_counter() - started < max_wait_s:
-        if other_cpu_cores(IDLE_SAMPLE_S) <= CONTENTION_WARNING_CORES:
+        busy = other_cpu_cores(IDLE_SAMPLE_S)
+        if busy <= CONTENTION_WARNING_CORES:
             break
+        if not announced:
+            tqdm.write(
+                f"waiting up to {max_wait_s:.0f} s for other processes to go idle (they use {busy:.2f} cores; "
+                "--idle-wait sets the limit)",
+                file=sys.stderr,
+            )
+            announced = True
     return time.perf_counter() - started
 
 

@@ -54,10 +54,12 @@ def cpu_kernels() -> ModuleType | None:
         bin_dir = str(Path(sys.executable).parent)
         if (Path(bin_dir) / "ninja").exists():
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    try:
+    name = f"dsa_cpu_kernels_{_cpu_flags_digest()}"
+    if not _build_exists(name):
         logger.info("Compiling the DSA CPU kernels (once per machine; about half a minute).")
+    try:
         return cpp_extension.load(
-            name=f"dsa_cpu_kernels_{_cpu_flags_digest()}",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -67,6 +69,25 @@ def cpu_kernels() -> ModuleType | None:
         logger.warning(
             "The DSA CPU kernels could not be built (%s: %s); using the PyTorch path, which is slower at long "
             "context. Install a C++ compiler and ninja to enable them, or set DSA_CPU_KERNELS=0 to skip this.",
-            type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+            type(error).__name__, _error_summary(error),
         )
         return None
+
+
+def _build_exists(name: str) -> bool:
+    """True when PyTorch's extensions directory already holds a build of `name` (it may still be rebuilt
+    if the source changed). False where that cannot be told, so the caller announces a build."""
+    from torch.utils import cpp_extension
+
+    try:
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))  # private, stable since torch 1.x
+    except Exception:  # noqa: BLE001 - only decides whether to log
+        return False
+    return (directory / f"{name}.so").exists()
+
+
+def _error_summary(error: Exception, lines: int = 3) -> str:
+    """Return the last few non-empty lines of a build error: the compiler's or the shell's reason comes
+    after the command line that PyTorch puts first."""
+    text = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " | ".join(text[-lines:]) if text else repr(error)
