@@ -57,7 +57,7 @@ inline vec round_bf16(vec x) {
 
 // For QB queries, adds sum over NH heads of w[h] * relu(q[h] . k[:, group]) to score (GROUP keys each).
 // q is packed [DI][HI][QB] (see pack_queries) and points at the first of the NH heads. w[j * w_stride + h]
-// is query j's weight of head h. k holds head_dim rows, row d at k + d * k_stride. One load of a key
+// is query j's weight of head h. k contains head_dim rows, row d at k + d * k_stride. One load of a key
 // vector serves QB * NH products.
 template <int QB, int NH, bool ROUND>
 inline void add_heads(const float* q, int64_t heads, int64_t head_dim, const float* k, int64_t k_stride,
@@ -359,9 +359,9 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
 
 }  // namespace
 
-// Sparse attention forward, fp32: q [B, T, H, D] (made contiguous), k and v [B, S, HKV, D] with unit stride
-// along D (any other strides, such as a transposed [B, HKV, S, D] cache), indices [B, T, K] int64 with -1 in
-// empty slots. Query head h reads kv head h / G, G = H / HKV. Supported: G in 1..4 and 8, D in 64 and 128
+// Sparse attention forward, fp32. q is [B, T, H, D] (made contiguous). k and v are [B, S, HKV, D] with unit
+// stride along D and any other strides, such as a transposed [B, HKV, S, D] cache. indices is [B, T, K] int64
+// with -1 in empty slots. Query head h reads kv head h / G, G = H / HKV. Supported: G in 1..4 and 8, D in 64 and 128
 // (sparse_attention_supported() in Python says so before calling).
 torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor indices,
                                double scale) {

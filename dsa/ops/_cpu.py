@@ -76,7 +76,7 @@ def cpu_kernels() -> ModuleType | None:
 
 def _build_exists(name: str) -> bool:
     """True when PyTorch's extensions directory already contains a build of `name`, which may still be
-    rebuilt if the source changed. False where that cannot be told, so the caller announces a build."""
+    rebuilt if the source changed. False where that cannot be determined, so the caller announces a build."""
     from torch.utils import cpp_extension
 
     try:
