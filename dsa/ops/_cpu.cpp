@@ -1,4 +1,4 @@
-// CPU kernels of DSA, loaded by dsa/ops/_cpu.py. Inference only: neither has a backward pass.
+// CPU kernels of DSA, loaded by dsa/ops/_cpu.py. Inference only: none of them has a backward pass.
 //
 // index_scores: fused lightning indexer scores, score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]).
 // The PyTorch path writes the per-head logits [Tc * HI, S] to memory, reads them back for the ReLU,
@@ -208,7 +208,9 @@ namespace {
 
 using ivec = int32_t __attribute__((vector_size(64)));
 
-// exp(x) for 16 lanes, x <= 0 (softmax after subtracting the row maximum); relative error about 2e-7.
+// exp(x) for 16 lanes, x <= 0 (softmax after subtracting the row maximum). Its relative error is about
+// 2e-7, estimated from the polynomial's remainder. The tests compare the attention output with the
+// reference, whose softmax is PyTorch's, within 1e-5.
 // x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial to degree 7, 2^n in the exponent bits.
 inline vec exp_nonpositive(vec x) {
   const vec lowest = vec{} - 87.0f;  // below this 2^n leaves the normal range
@@ -361,8 +363,8 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
 
 // Sparse attention forward, fp32. q is [B, T, H, D] (made contiguous). k and v are [B, S, HKV, D] with unit
 // stride along D and any other strides, such as a transposed [B, HKV, S, D] cache. indices is [B, T, K] int64
-// with -1 in empty slots. Query head h reads kv head h / G, G = H / HKV. Supported: G in 1..4 and 8, D in 64 and 128
-// (sparse_attention_supported() in Python says so before calling).
+// with -1 in empty slots. Query head h reads kv head h / G, G = H / HKV. Supported: G in 1..4 and 8, D in 64
+// and 128. sparse_attention_cpu_applies() in dsa/ops/sparse_attention/cpu.py checks this before calling.
 torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor indices,
                                double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,

@@ -80,8 +80,8 @@ def _build_exists(name: str) -> bool:
     from torch.utils import cpp_extension
 
     try:
-        directory = Path(cpp_extension._get_build_directory(name, verbose=False))  # private, stable since torch 1.x
-    except Exception:  # noqa: BLE001 - only decides whether to log
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))  # a private PyTorch function
+    except Exception:  # noqa: BLE001 - it only decides whether a message is logged
         return False
     return (directory / f"{name}.so").exists()
 
