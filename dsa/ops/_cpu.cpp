@@ -251,21 +251,36 @@ constexpr int largest_divisor_at_most(int n, int cap) {
   return 1;
 }
 
+// Rows of the cache are read this many keys ahead of their use, so that the loads of a gathered row
+// overlap with the work on earlier ones. Index sets of random keys miss every cache, and without the
+// hint a core waits for each row in turn.
+constexpr int64_t PREFETCH_DISTANCE = 8;
+
+template <int DV>
+inline void prefetch_row(const float* row) {
+  for (int c = 0; c < DV; ++c) __builtin_prefetch(row + c * LANES);
+}
+
 // One query row and one kv head: the G query heads q (G rows of DV vectors, already scaled) attend the
 // keys listed in idx[0 .. count). probs is scratch of G * count floats; out receives G rows of DV vectors.
+// With row_max null, out is the attention output. Otherwise out receives the unnormalised sum
+// sum_i exp(s_i - m) v_i, row_max the maximum logit m and row_sum sum_i exp(s_i - m) of each head, so
+// that the caller can merge parts of one index row (see merge_parts).
 //
 // Register blocking: the logits pass takes HG heads at a time and the value pass CB vectors of each
 // value row at a time, so that the accumulators and the query vectors they use fit in 16 vector
 // registers. Qwen3-4B's G 4 x D 128 would need 32 for either pass at once, and spill.
 template <int G, int DV>
 void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const float* k, int64_t k_stride,
-                const float* v, int64_t v_stride, float* probs, float* out) {
+                const float* v, int64_t v_stride, float* probs, float* out, float* row_max = nullptr,
+                float* row_sum = nullptr) {
   constexpr int HG = largest_divisor_at_most(G, 16 / DV > 1 ? 16 / DV : 1);
   constexpr int CB = largest_divisor_at_most(DV, 16 / G > 1 ? 16 / G : 1);
   float max_s[G];
   for (int h = 0; h < G; ++h) max_s[h] = -__builtin_inff();
   for (int h0 = 0; h0 < G; h0 += HG)
     for (int64_t i = 0; i < count; ++i) {
+      if (i + PREFETCH_DISTANCE < count) prefetch_row<DV>(k + idx[i + PREFETCH_DISTANCE] * k_stride);
       const float* k_row = k + idx[i] * k_stride;
       vec acc[HG];
       for (int h = 0; h < HG; ++h) acc[h] = vec{};
@@ -279,7 +294,7 @@ void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const 
         max_s[h0 + h] = std::max(max_s[h0 + h], s);
       }
     }
-  float inv_sum[G];
+  float total_s[G];
   for (int h = 0; h < G; ++h) {
     float* p = probs + h * count;
     const vec m = vec{} + max_s[h];
@@ -300,23 +315,47 @@ void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const 
         total += e[j];
       }
     }
-    inv_sum[h] = 1.0f / total;
+    total_s[h] = total;
   }
   for (int c0 = 0; c0 < DV; c0 += CB) {
     vec acc[G][CB];
     for (int h = 0; h < G; ++h)
       for (int c = 0; c < CB; ++c) acc[h][c] = vec{};
     for (int64_t i = 0; i < count; ++i) {
+      if (i + PREFETCH_DISTANCE < count) prefetch_row<CB>(v + idx[i + PREFETCH_DISTANCE] * v_stride + c0 * LANES);
       const float* v_row = v + idx[i] * v_stride + c0 * LANES;
       for (int c = 0; c < CB; ++c) {
         const vec vc = load(v_row + c * LANES);
         for (int h = 0; h < G; ++h) acc[h][c] += probs[h * count + i] * vc;
       }
     }
-    for (int h = 0; h < G; ++h)
-      for (int c = 0; c < CB; ++c) store(out + (h * DV + c0 + c) * LANES, acc[h][c] * inv_sum[h]);
+    for (int h = 0; h < G; ++h) {
+      const float factor = row_max == nullptr ? 1.0f / total_s[h] : 1.0f;
+      for (int c = 0; c < CB; ++c) store(out + (h * DV + c0 + c) * LANES, acc[h][c] * factor);
+    }
   }
+  if (row_max != nullptr)
+    for (int h = 0; h < G; ++h) {
+      row_max[h] = max_s[h];
+      row_sum[h] = total_s[h];
+    }
 }
+
+// Lists the valid (non-negative) entries of idx[0 .. slots) in valid; returns how many there are.
+inline int64_t list_valid(const int64_t* idx, int64_t slots, int64_t* valid) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < slots; ++i)
+    if (idx[i] >= 0) valid[count++] = idx[i];
+  return count;
+}
+
+inline void load_query(const float* q, int g_heads, int dv, float scale, vec* out) {
+  for (int h = 0; h < g_heads; ++h)
+    for (int c = 0; c < dv; ++c) out[h * dv + c] = load(q + (h * dv + c) * LANES) * scale;
+}
+
+// Index rows of at least this many slots are split across threads when there are too few rows (decode).
+constexpr int64_t SPLIT_MIN_SLOTS = 512;
 
 template <int G, int DV>
 void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -328,9 +367,64 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   const float* v_ptr = v.data_ptr<float>();
   const int64_t* idx_ptr = indices.data_ptr<int64_t>();
   float* out_ptr = out.data_ptr<float>();
-  // One work item is one query row and one kv head, so that a decode step (one row) still spreads
-  // over the threads.
-  at::parallel_for(0, batch * queries * kv_heads, 8, [&](int64_t begin, int64_t end) {
+  const int64_t items = batch * queries * kv_heads;
+  const int64_t threads = at::get_num_threads();
+  // A decode step has one row per batch entry: with fewer (row, kv head) pairs than two per thread,
+  // each row's keys are split into parts that run in parallel and are merged afterwards.
+  int64_t parts = 1;
+  if (items < 2 * threads && slots >= 2 * SPLIT_MIN_SLOTS)
+    parts = std::min((2 * threads + items - 1) / items, slots / SPLIT_MIN_SLOTS);
+  if (parts > 1) {
+    // Per (row, kv head, part): G unnormalised output rows, G maxima and G sums.
+    std::vector<float> part_out(static_cast<size_t>(items * parts * G * head_dim));
+    std::vector<float> part_max(static_cast<size_t>(items * parts * G)), part_sum(part_max.size());
+    at::parallel_for(0, items * parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> valid(static_cast<size_t>(slots));
+      std::vector<float> probs(static_cast<size_t>(G * slots));
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t item = unit / parts, part = unit % parts;
+        const int64_t row = item / kv_heads, g = item % kv_heads, b = row / queries;
+        const int64_t count = list_valid(idx_ptr + row * slots, slots, valid.data());
+        const int64_t first = count * part / parts, last = count * (part + 1) / parts;
+        float* m = part_max.data() + unit * G;
+        float* l = part_sum.data() + unit * G;
+        float* o = part_out.data() + unit * G * head_dim;
+        if (first == last) {  // an empty part adds nothing to the merge
+          std::fill(m, m + G, -__builtin_inff());
+          std::fill(l, l + G, 0.0f);
+          std::fill(o, o + G * head_dim, 0.0f);
+          continue;
+        }
+        vec q_row[G][DV];
+        load_query(q_ptr + (row * heads + g * G) * head_dim, G, DV, scale, &q_row[0][0]);
+        attend_row<G, DV>(q_row, valid.data() + first, last - first, k_ptr + b * k.stride(0) + g * k.stride(2),
+                          k.stride(1), v_ptr + b * v.stride(0) + g * v.stride(2), v.stride(1), probs.data(), o, m, l);
+      }
+    });
+    // Merge: out = sum_p exp(m_p - M) o_p / sum_p exp(m_p - M) l_p, M the largest m_p.
+    for (int64_t item = 0; item < items; ++item)
+      for (int h = 0; h < G; ++h) {
+        const int64_t row = item / kv_heads, g = item % kv_heads;
+        float* dest = out_ptr + (row * heads + g * G + h) * head_dim;
+        float top = -__builtin_inff();
+        for (int64_t p = 0; p < parts; ++p) top = std::max(top, part_max[(item * parts + p) * G + h]);
+        std::fill(dest, dest + head_dim, 0.0f);
+        if (top == -__builtin_inff()) continue;  // no key: the row's output is 0, as in the reference
+        float denominator = 0.0f;
+        for (int64_t p = 0; p < parts; ++p) {
+          const int64_t unit = item * parts + p;
+          const float factor = std::exp(part_max[unit * G + h] - top);
+          denominator += factor * part_sum[unit * G + h];
+          const float* o = part_out.data() + (unit * G + h) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) dest[d] += factor * o[d];
+        }
+        for (int64_t d = 0; d < head_dim; ++d) dest[d] /= denominator;
+      }
+    return;
+  }
+  // One work item is one query row and one kv head. Few items still spread over the threads.
+  const int64_t grain = items >= 8 * threads ? 8 : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> valid(static_cast<size_t>(slots));
     std::vector<float> probs(static_cast<size_t>(G * slots));
     int64_t listed_row = -1, count = 0;
@@ -338,10 +432,7 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       const int64_t row = item / kv_heads, g = item % kv_heads;
       const int64_t b = row / queries;
       if (row != listed_row) {
-        const int64_t* idx = idx_ptr + row * slots;
-        count = 0;
-        for (int64_t i = 0; i < slots; ++i)
-          if (idx[i] >= 0) valid[count++] = idx[i];
+        count = list_valid(idx_ptr + row * slots, slots, valid.data());
         listed_row = row;
       }
       float* out_head = out_ptr + (row * heads + g * G) * head_dim;
@@ -350,9 +441,7 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
         continue;
       }
       vec q_row[G][DV];
-      for (int h = 0; h < G; ++h)
-        for (int c = 0; c < DV; ++c)
-          q_row[h][c] = load(q_ptr + (row * heads + g * G + h) * head_dim + c * LANES) * scale;
+      load_query(q_ptr + (row * heads + g * G) * head_dim, G, DV, scale, &q_row[0][0]);
       attend_row<G, DV>(q_row, valid.data(), count, k_ptr + b * k.stride(0) + g * k.stride(2), k.stride(1),
                         v_ptr + b * v.stride(0) + g * v.stride(2), v.stride(1), probs.data(), out_head);
     }

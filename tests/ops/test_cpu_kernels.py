@@ -156,6 +156,28 @@ def test_sparse_attention_kernel_matches_reference(heads, kv_heads, head_dim):
     assert torch.equal(actual[1, 5], torch.zeros_like(actual[1, 5]))
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 1, 128), (2, 2, 64)])
+def test_sparse_attention_kernel_decode_split(heads, kv_heads, head_dim):
+    """Decode rows with few kv heads split their keys over the threads and merge the parts; rows with
+    fewer valid keys than parts, or none, must still match the reference."""
+    q, k, v, indices = _attention_inputs(2, 1, 3000, heads, kv_heads, head_dim, 2048, seed=heads)
+    indices[1, 0, 1:] = -1  # one valid key: every part but one is empty
+    expected = sparse_attention_reference(q, k, v, indices)
+    with torch.no_grad():
+        # Two threads at least, so that the kernel splits (it splits when rows x kv heads < 2 x threads).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(2, threads))
+        try:
+            actual = sparse_attention_cpu(q[:1], k[:1], v[:1], indices[:1], head_dim**-0.5)
+            torch.testing.assert_close(actual, expected[:1], rtol=1e-5, atol=1e-5)
+            actual = sparse_attention_cpu(q[1:], k[1:], v[1:], indices[1:], head_dim**-0.5)
+            torch.testing.assert_close(actual, expected[1:], rtol=1e-5, atol=1e-5)
+            indices[1] = -1
+            assert torch.equal(sparse_attention_cpu(q[1:], k[1:], v[1:], indices[1:], 1.0), torch.zeros_like(q[1:]))
+        finally:
+            torch.set_num_threads(threads)
+
+
 def test_sparse_attention_kernel_wide_logits():
     """Logits hundreds apart: the kernel's exp must underflow to 0 without NaN, as the reference's does."""
     q, k, v, indices = _attention_inputs(1, 9, 400, 9, 3, 64, 200, seed=5)
