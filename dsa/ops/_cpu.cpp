@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <type_traits>
 #include <cstring>
 
 namespace {
@@ -559,8 +560,161 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
   return out;
 }
 
+namespace {
+
+// Sums each of the four vectors a, b, c, d: returns a vector whose lanes 0, 4, 8 and 12 hold the four sums.
+// Two-source shuffles halve the vectors twice, so four sums cost six shuffles where four hsum calls
+// cost sixteen.
+inline vec hsum4(vec a, vec b, vec c, vec d) {
+  const vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vec cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  vec x = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+          __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return x;
+}
+
+inline float round_bf16_scalar(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &bits, sizeof(bits));
+  return x;
+}
+
+using hvec = uint16_t __attribute__((vector_size(32)));  // 16 bf16 values
+
+// Loads 16 bf16 values as fp32 (a bf16 value is the upper half of its fp32 bits).
+inline vec load_bf16(const at::BFloat16* p) {
+  hvec h;
+  std::memcpy(&h, p, sizeof(hvec));
+  const uvec bits = __builtin_convertvector(h, uvec) << 16;
+  vec x;
+  std::memcpy(&x, &bits, sizeof(vec));
+  return x;
+}
+
+// Key rows per work item of the keys-major scores.
+constexpr int64_t ROW_BLOCK = 1024;
+
+// Scores of the queries whose (query, head) rows are qh (pairs x DV vectors in pair order, q rounded by the
+// caller where ROUND) against keys [first, last) of k (rows of stride k_stride, DV vectors each):
+// out[j * out_stride + s] = sum_h w[j * heads + h] * relu(q[j, h] . k_s). wq holds each group of four
+// weights of one query at lanes 0, 4, 8 and 12 (zeros elsewhere), which is where hsum4 leaves its sums,
+// so that the ReLU, the weighting and the sum over heads stay in vector registers. heads % 4 == 0.
+template <int DV, bool ROUND, typename T>
+void score_keys_major(const vec* qh, const vec* wq, int64_t queries, int64_t heads, const T* k, int64_t k_stride,
+                      int64_t first, int64_t last, float* out, int64_t out_stride) {
+  const int64_t groups = heads / 4;
+  const vec zero{};
+  for (int64_t s = first; s < last; ++s) {
+    if (s + 16 < last) __builtin_prefetch(k + (s + 16) * k_stride);
+    vec key[DV];
+    const T* row = k + s * k_stride;
+    for (int c = 0; c < DV; ++c) {
+      if constexpr (std::is_same_v<T, float>)
+        key[c] = load(row + c * LANES);
+      else
+        key[c] = load_bf16(row + c * LANES);
+    }
+    for (int64_t j = 0; j < queries; ++j) {
+      vec total{};
+      for (int64_t g = 0; g < groups; ++g) {
+        const vec* q4 = qh + (j * heads + g * 4) * DV;
+        vec acc[4];
+        for (int i = 0; i < 4; ++i) {
+          acc[i] = q4[i * DV] * key[0];
+          for (int c = 1; c < DV; ++c) acc[i] += q4[i * DV + c] * key[c];
+        }
+        vec logits = hsum4(acc[0], acc[1], acc[2], acc[3]);
+        if (ROUND) logits = round_bf16(logits);
+        total += wq[j * groups + g] * (logits > zero ? logits : zero);
+      }
+      total += __builtin_shufflevector(total, total, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+      total += __builtin_shufflevector(total, total, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+      out[j * out_stride + s] = total[0];
+    }
+  }
+}
+
+template <int DV>
+void score_keys_major_dispatch(const vec* qh, const vec* wq, int64_t queries, int64_t heads, const torch::Tensor& k,
+                               int64_t b, int64_t first, int64_t last, float* out, int64_t out_stride) {
+  if (k.scalar_type() == torch::kBFloat16)
+    score_keys_major<DV, true>(qh, wq, queries, heads, k.data_ptr<at::BFloat16>() + b * k.stride(0), k.stride(1),
+                               first, last, out, out_stride);
+  else
+    score_keys_major<DV, false>(qh, wq, queries, heads, k.data_ptr<float>() + b * k.stride(0), k.stride(1), first,
+                                last, out, out_stride);
+}
+
+}  // namespace
+
+// Top-k selection for a few queries (decode) from keys in the cache's own layout. q [B, Tc, HI, DI] fp32
+// (holding bf16 values when k is bf16), k [B, S, DI] fp32 or bf16 with unit stride along DI, DI in 16, 32,
+// 64 and 128, HI a multiple of 4, w [B, Tc, HI] fp32 already scaled. Query t sees keys 0 .. first + t, the causal rule and nothing else.
+// Returns indices [B, Tc, count] int64, ascending, -1 after a row's last visible key, with the tie rule of
+// select_rows. The scores are computed keys-major, one key row against every (query, head) pair, so the
+// cache is read once, in order, without the transposed copy the many-query kernel needs.
+torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int64_t first, int64_t count) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "select_few expects fp32 q and w");
+  TORCH_CHECK(k.dtype() == torch::kFloat32 || k.dtype() == torch::kBFloat16, "select_few expects fp32 or bf16 k");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && w.dim() == 3 && k.stride(2) == 1,
+              "select_few expects q [B, Tc, HI, DI], k [B, S, DI] with unit stride along DI and w [B, Tc, HI]");
+  q = q.contiguous();
+  w = w.contiguous();
+  const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t span = std::min<int64_t>(k.size(1), first + queries);
+  TORCH_CHECK(k.size(0) == batch && k.size(2) == head_dim && w.size(0) == batch && w.size(1) == queries &&
+                  w.size(2) == heads && first >= 0 && count >= 1,
+              "select_few got mismatched shapes or arguments");
+  TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128,
+              "select_few supports DI 16, 32, 64 and 128; got ", head_dim);
+  TORCH_CHECK(heads % 4 == 0, "select_few supports HI a multiple of 4; got ", heads);
+  const int64_t pairs = queries * heads;
+  // (query, head) rows as vectors, in pair order.
+  std::vector<vec> qh(static_cast<size_t>(batch * pairs * (head_dim / LANES)));
+  std::memcpy(qh.data(), q.data_ptr<float>(), qh.size() * sizeof(vec));
+  // Each group of four weights at lanes 0, 4, 8 and 12 (see score_keys_major).
+  std::vector<vec> wq(static_cast<size_t>(batch * pairs / 4), vec{});
+  for (int64_t p = 0; p < batch * pairs; ++p) wq[p / 4][(p % 4) * 4] = w.data_ptr<float>()[p];
+  auto scores = torch::empty({batch, queries, span}, q.options());
+  float* score_ptr = scores.data_ptr<float>();
+  const int64_t blocks = (span + ROW_BLOCK - 1) / ROW_BLOCK;
+  const int64_t dv = head_dim / LANES;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, lo = (item % blocks) * ROW_BLOCK, hi = std::min(span, lo + ROW_BLOCK);
+      const vec* q_b = qh.data() + b * pairs * dv;
+      const vec* w_b = wq.data() + b * pairs / 4;
+      float* out_b = score_ptr + b * queries * span;
+      if (dv == 1) score_keys_major_dispatch<1>(q_b, w_b, queries, heads, k, b, lo, hi, out_b, span);
+      else if (dv == 2) score_keys_major_dispatch<2>(q_b, w_b, queries, heads, k, b, lo, hi, out_b, span);
+      else if (dv == 4) score_keys_major_dispatch<4>(q_b, w_b, queries, heads, k, b, lo, hi, out_b, span);
+      else score_keys_major_dispatch<8>(q_b, w_b, queries, heads, k, b, lo, hi, out_b, span);
+    }
+  });
+  auto out = torch::empty({batch, queries, count}, q.options().dtype(torch::kInt64));
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  at::parallel_for(0, batch * queries, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> cand_idx;
+    std::vector<float> cand_val;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r % queries;
+      const int64_t visible = std::min(span, first + t + 1);
+      select_row(score_ptr + r * span, visible, std::min(count, visible), out_ptr + r * count, cand_idx, cand_val);
+      for (int64_t i = std::min(count, visible); i < count; ++i) out_ptr[r * count + i] = -1;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("index_scores", &index_scores, "Fused lightning indexer scores (fp32, CPU)");
   m.def("select_rows", &select_rows, "Top-k keys of each score row, ascending, with the tie rule (CPU)");
+  m.def("select_few", &select_few, "Top-k keys for a few queries from keys-major indexer keys (CPU)");
   m.def("sparse_attention", &sparse_attention, "Sparse attention forward over index rows (fp32, CPU)");
 }

@@ -20,7 +20,8 @@ from dsa.ops.prefill import sparse_prefill_torch
 from dsa.ops.sparse_attention import sparse_attention_reference, sparse_attention_torch
 from dsa.ops.sparse_attention.cpu import sparse_attention_cpu, sparse_attention_cpu_applies
 from dsa.ops.topk import select_topk_reference, select_topk_torch
-from dsa.ops.topk.cpu import select_rows_cpu
+import dsa.ops.topk.torch as topk_module
+from dsa.ops.topk.cpu import select_few_cpu, select_few_cpu_applies, select_rows_cpu
 from dsa.ops.topk.torch import SAMPLE_STRIDE, _ascending_indices, _choose
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_enabled(), reason="DSA_CPU_KERNELS=0 turns the CPU kernels off")
@@ -130,6 +131,45 @@ def test_select_rows_kernel_short_and_long_rows(keys):
     """Rows shorter than SAMPLED_MIN_SPAN * count skip the sample; longer ones take it."""
     scores = torch.randn(2, 7, keys, generator=torch.Generator().manual_seed(keys))
     assert torch.equal(select_rows_cpu(scores, 64), _rule(scores, 64))
+
+
+@pytest.mark.parametrize(("batch", "queries", "keys", "head_dim"), [(1, 1, 5000, 32), (2, 3, 1500, 64), (1, 2, 900, 16), (2, 1, 700, 128)])
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16])
+def test_select_few_kernel_equals_reference(batch, queries, keys, head_dim, score_dtype):
+    """Decode selection from keys-major indexer keys, fp32 and bf16 products, against the reference."""
+    q, k, w = _indexer_inputs(batch, queries, keys, 8 if head_dim == 16 else 4, head_dim, seed=keys)
+    q_start = keys - queries
+    expected = select_topk_reference(q, k, w, 256, q_start=q_start, score_dtype=score_dtype)
+    assert torch.equal(select_few_cpu(q, k.to(score_dtype), w, q_start, 256), expected)
+
+
+def test_select_few_kernel_ties_and_short_rows():
+    """Scores on a few levels tie at the boundary (lowest index first); rows seeing fewer keys than count
+    list them all, then -1."""
+    q, k, w = _indexer_inputs(1, 4, 3000, 4, 32, seed=3)
+    k, q = (k * 2).round() / 2, (q * 2).round() / 2
+    for q_start in (2996, 10):
+        expected = select_topk_reference(q, k, w, 64, q_start=q_start)
+        assert torch.equal(select_few_cpu(q, k, w, q_start, 64), expected)
+
+
+def test_select_topk_takes_select_few_for_decode(monkeypatch):
+    calls = []
+    monkeypatch.setattr(topk_module, "select_few_cpu", lambda *a: calls.append(1) or select_few_cpu(*a))
+    q, k, w = _indexer_inputs(2, 1, 3000, 4, 32, seed=4)
+    visible = torch.ones(2, 3000, dtype=torch.bool)
+    with torch.no_grad():
+        for mask in (None, visible):
+            actual = select_topk_torch(q, k, w, 128, key_padding_mask=mask)
+            assert torch.equal(actual, select_topk_reference(q, k, w, 128))
+        assert len(calls) == 2
+        visible[1, :100] = False  # padding: the PyTorch path applies the mask
+        assert torch.equal(select_topk_torch(q, k, w, 128, key_padding_mask=visible),
+                           select_topk_reference(q, k, w, 128, key_padding_mask=visible))
+        select_topk_torch(q, k, w, 128, sink_tokens=4)  # forced keys: the PyTorch path
+        select_topk_torch(q[:, :, :3], k, w[:, :, :3], 128)  # 3 heads: not a multiple of 4
+    assert len(calls) == 2
+    assert not select_few_cpu_applies(q[..., :24], k[..., :24])  # DI 24 is not compiled
 
 
 def _attention_inputs(batch, queries, keys, heads, kv_heads, head_dim, slots, seed=0):

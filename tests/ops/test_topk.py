@@ -249,6 +249,7 @@ def _pytorch_rule_only(monkeypatch):
     """Keep fp32 CPU scores on the PyTorch selection: the tests below check its own paths, which the C++
     kernel (tested in test_cpu_kernels.py) otherwise replaces."""
     monkeypatch.setattr(topk_torch_module, "select_rows_cpu_applies", lambda scores: False)
+    monkeypatch.setattr(topk_torch_module, "select_few_cpu_applies", lambda q_idx, k_idx: False)
 
 
 def _spy_sampled(monkeypatch, name="_sampled_topk"):

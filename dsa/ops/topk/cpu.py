@@ -27,3 +27,36 @@ def select_rows_cpu(scores: torch.Tensor, count: int) -> torch.Tensor:
     assert kernels is not None, "call select_rows_cpu_applies() before select_rows_cpu()"
     span = scores.shape[-1]
     return kernels.select_rows(scores.detach().reshape(-1, span), count).view(*scores.shape[:-1], count)
+
+
+FEW_HEAD_DIMS = (16, 32, 64, 128)
+"""Indexer head dims `select_few_cpu` is compiled for."""
+
+
+def select_few_cpu_applies(q_idx: torch.Tensor, k_idx: torch.Tensor) -> bool:
+    """True when `select_few_cpu` can take q_idx [B, T, HI, DI] and k_idx [B, S, DI]: CPU tensors, fp32 or
+    bf16 keys with unit stride along DI, a compiled DI, HI a multiple of 4, no gradient needed, and the
+    kernels build."""
+    if q_idx.device.type != "cpu" or k_idx.dtype not in (torch.float32, torch.bfloat16) or k_idx.stride(-1) != 1:
+        return False
+    if q_idx.shape[-1] not in FEW_HEAD_DIMS or q_idx.shape[2] % 4:
+        return False
+    if torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad):
+        return False
+    return cpu_kernels() is not None
+
+
+def select_few_cpu(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Return indices [B, T, count] (int64, ascending, -1 after a row's last visible key) of the `count`
+    largest index scores of each query, query t seeing keys 0 .. first + t, ties to the lowest index.
+
+    For a few queries (decode): the kernel scores keys-major straight from k_idx [B, S, DI] (the indexer
+    key cache, fp32 or bf16, which sets the product's dtype as in `index_scores_chunk`) and selects
+    each row, in one call. Callers check `select_few_cpu_applies` first.
+    """
+    kernels = cpu_kernels()
+    assert kernels is not None, "call select_few_cpu_applies() before select_few_cpu()"
+    heads, head_dim = q_idx.shape[2], q_idx.shape[3]
+    scale = heads**-0.5 * head_dim**-0.5
+    q = q_idx.detach().to(k_idx.dtype).float()
+    return kernels.select_few(q, k_idx.detach(), weights.detach().float() * scale, int(first), int(count))

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from dsa.ops._checks import check_indexer_inputs, check_score_dtype, resolve_mask_args
-from dsa.ops.indexer.torch import index_scores_chunk, kernel_layout
+from dsa.ops.indexer.torch import FEW_QUERY_HEADS, index_scores_chunk, kernel_layout
 from dsa.ops.masks import forced_keys, visible_keys
-from dsa.ops.topk.cpu import select_rows_cpu, select_rows_cpu_applies
+from dsa.ops.topk.cpu import select_few_cpu, select_few_cpu_applies, select_rows_cpu, select_rows_cpu_applies
 from dsa.ops.topk.naive import check_selection_args
 
 ScoresFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -52,6 +52,15 @@ def select_topk_torch(
     batch, queries, keys = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     width = min(top_k, keys)
+    plain = sink_tokens == 0 and local_tokens == 0
+    if (
+        scores_fn is None and plain and keys > width and queries * q_idx.shape[2] <= FEW_QUERY_HEADS
+        and _sees_all(key_padding_mask) and _sees_all(attention_mask)
+    ):
+        # Decode: one C++ call scores the keys in the cache's own layout and selects each row.
+        k_score = k_idx.to(score_dtype)
+        if select_few_cpu_applies(q_idx, k_score):
+            return select_few_cpu(q_idx, k_score, weights, q_start, width)
     if scores_fn is None:
         scores_fn = _torch_scores
 
@@ -60,7 +69,6 @@ def select_topk_torch(
         # The fused CPU kernel reads keys with unit stride along S: one copy for all chunks.
         k_idx_t = kernel_layout(k_idx_t, min(chunk_size, queries), q_idx.shape[2])
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
-    plain = sink_tokens == 0 and local_tokens == 0
     for start in range(0, queries, chunk_size):
         stop = min(start + chunk_size, queries)
         first = q_start + start
@@ -82,6 +90,11 @@ def select_topk_torch(
         forced = forced_keys(visible, q_positions, padding, sink_tokens, local_tokens)
         out[:, start:stop] = _ascending_indices(_choose(scores, visible, forced, width), width)
     return out
+
+
+def _sees_all(mask: torch.Tensor | None) -> bool:
+    """True when a mask hides no key (None, or all True), so that the causal rule alone decides."""
+    return mask is None or bool(mask.all())
 
 
 def _hide_invisible(
