@@ -482,55 +482,61 @@ torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 namespace {
 
 constexpr int64_t SAMPLE_STRIDE = 16;  // every 16th score forms a row's sample
-constexpr int64_t SAMPLED_MIN_SPAN = 8;  // rows of at least 8 * count keys are sampled
+constexpr int64_t SAMPLED_MIN_SPAN = 3;  // rows of at least 3 * count keys are sampled
+
+// Scratch of select_row for rows of up to `span` keys: candidate keys, their scores in key order, and a
+// copy of the scores that nth_element reorders.
+struct RowScratch {
+  explicit RowScratch(int64_t span)
+      : idx(static_cast<size_t>(span)), val(static_cast<size_t>(span)), work(static_cast<size_t>(span)) {}
+  std::vector<int64_t> idx;
+  std::vector<float> val, work;
+};
 
 // Writes row's `count` selected keys to out in ascending order, -1 after the last, following the
 // reference's rule: every score above the count-th largest, then the lowest-index keys equal to it.
-// Invisible keys are -inf and never selected. cand_idx and cand_val are scratch.
-void select_row(const float* row, int64_t span, int64_t count, int64_t* out, std::vector<int64_t>& cand_idx,
-                std::vector<float>& cand_val) {
-  cand_idx.clear();
-  cand_val.clear();
-  bool sampled = false;
+// Invisible keys are -inf and never selected. scratch holds at least span entries.
+void select_row(const float* row, int64_t span, int64_t count, int64_t* out, RowScratch& scratch) {
+  int64_t* cand_idx = scratch.idx.data();
+  float* cand_val = scratch.val.data();
+  float* work = scratch.work.data();
+  int64_t n = 0;
   if (span >= SAMPLED_MIN_SPAN * count) {
     // The bound is the rank-th largest of the sample, with rank sized for about 1.25 * count keys at or
     // above it. The count largest scores are then all at or above the bound whenever at least count
     // keys reach it. That is checked, and where it fails every key is a candidate.
-    for (int64_t i = 0; i < span; i += SAMPLE_STRIDE) cand_val.push_back(row[i]);
-    const int64_t rank = std::min<int64_t>(cand_val.size(), count * 5 / 4 / SAMPLE_STRIDE + 16);
-    std::nth_element(cand_val.begin(), cand_val.begin() + (rank - 1), cand_val.end(), std::greater<float>());
-    const float bound = cand_val[rank - 1];
-    cand_val.clear();
+    int64_t samples = 0;
+    for (int64_t i = 0; i < span; i += SAMPLE_STRIDE) work[samples++] = row[i];
+    const int64_t rank = std::min<int64_t>(samples, count * 5 / 4 / SAMPLE_STRIDE + 16);
+    std::nth_element(work, work + (rank - 1), work + samples, std::greater<float>());
+    const float bound = work[rank - 1];
     if (bound > -INFINITY) {
-      for (int64_t i = 0; i < span; ++i)
-        if (row[i] >= bound) {
-          cand_idx.push_back(i);
-          cand_val.push_back(row[i]);
-        }
-      sampled = static_cast<int64_t>(cand_idx.size()) >= count && static_cast<int64_t>(cand_idx.size()) <= span / 2;
-      if (!sampled) {
-        cand_idx.clear();
-        cand_val.clear();
+      // Without a branch: every key is written, and the count moves on only for those at or above the bound.
+      for (int64_t i = 0; i < span; ++i) {
+        const float value = row[i];
+        cand_idx[n] = i;
+        cand_val[n] = value;
+        n += value >= bound;
       }
+      if (n < count || n > span / 2) n = 0;
     }
   }
-  if (!sampled) {
-    cand_idx.resize(span);
+  if (n == 0) {
     for (int64_t i = 0; i < span; ++i) cand_idx[i] = i;
-    cand_val.assign(row, row + span);
+    std::memcpy(cand_val, row, span * sizeof(float));
+    n = span;
   }
-  // The count-th largest candidate (candidates keep key order in cand_idx; cand_val is reordered here,
-  // so the values are read from the row again below).
-  const int64_t n = cand_idx.size();
+  // The count-th largest candidate, found in a copy so that cand_val keeps key order.
   const int64_t k = std::min(count, n);
-  std::nth_element(cand_val.begin(), cand_val.begin() + (k - 1), cand_val.end(), std::greater<float>());
-  const float kth = cand_val[k - 1];
+  std::memcpy(work, cand_val, n * sizeof(float));
+  std::nth_element(work, work + (k - 1), work + n, std::greater<float>());
+  const float kth = work[k - 1];
   int64_t above = 0;
-  for (int64_t j = 0; j < n; ++j) above += row[cand_idx[j]] > kth;
+  for (int64_t j = 0; j < n; ++j) above += cand_val[j] > kth;
   int64_t equal_left = kth > -INFINITY ? k - above : 0;
   int64_t written = 0;
   for (int64_t j = 0; j < n && written < count; ++j) {
-    const float value = row[cand_idx[j]];
+    const float value = cand_val[j];
     if (value > kth || (value == kth && equal_left > 0)) {
       if (value == kth) --equal_left;
       out[written++] = cand_idx[j];
@@ -552,10 +558,8 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
   const float* score_ptr = scores.data_ptr<float>();
   int64_t* out_ptr = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> cand_idx;
-    std::vector<float> cand_val;
-    for (int64_t r = begin; r < end; ++r)
-      select_row(score_ptr + r * span, span, count, out_ptr + r * count, cand_idx, cand_val);
+    RowScratch scratch(span);
+    for (int64_t r = begin; r < end; ++r) select_row(score_ptr + r * span, span, count, out_ptr + r * count, scratch);
   });
   return out;
 }
@@ -700,12 +704,11 @@ torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int6
   auto out = torch::empty({batch, queries, count}, q.options().dtype(torch::kInt64));
   int64_t* out_ptr = out.data_ptr<int64_t>();
   at::parallel_for(0, batch * queries, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> cand_idx;
-    std::vector<float> cand_val;
+    RowScratch scratch(span);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r % queries;
       const int64_t visible = std::min(span, first + t + 1);
-      select_row(score_ptr + r * span, visible, std::min(count, visible), out_ptr + r * count, cand_idx, cand_val);
+      select_row(score_ptr + r * span, visible, std::min(count, visible), out_ptr + r * count, scratch);
       for (int64_t i = std::min(count, visible); i < count; ++i) out_ptr[r * count + i] = -1;
     }
   });
