@@ -245,6 +245,21 @@ inline float hsum(vec v) {
   return v[0];
 }
 
+// Sums each of the four vectors a, b, c, d: returns a vector whose lanes 0, 4, 8 and 12 hold the four sums.
+// Two-source shuffles halve the vectors twice, so four sums cost six shuffles where four hsum calls
+// cost sixteen.
+inline vec hsum4(vec a, vec b, vec c, vec d) {
+  const vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vec cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  vec x = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+          __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return x;
+}
+
 // The largest divisor of n that is at most cap (at least 1).
 constexpr int largest_divisor_at_most(int n, int cap) {
   for (int d = cap < n ? cap : n; d > 1; --d)
@@ -279,9 +294,34 @@ void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const 
   constexpr int CB = largest_divisor_at_most(DV, 16 / G > 1 ? 16 / G : 1);
   float max_s[G];
   for (int h = 0; h < G; ++h) max_s[h] = -__builtin_inff();
+  // Logits of four keys at a time: hsum4 reduces the four accumulators of one head in six shuffles,
+  // where four hsum calls take sixteen. HG4 heads at a time keep 4 * HG4 accumulators, HG4 * DV query
+  // vectors and DV key vectors within the 32 vector registers of AVX-512.
+  constexpr int HG4 = largest_divisor_at_most(G, (28 - DV) / (4 + DV) > 1 ? (28 - DV) / (4 + DV) : 1);
+  const int64_t fours = count / 4 * 4;
+  for (int h0 = 0; h0 < G; h0 += HG4)
+    for (int64_t i = 0; i < fours; i += 4) {
+      vec acc[4][HG4];
+      for (int j = 0; j < 4; ++j) {
+        if (i + j + PREFETCH_DISTANCE < count) prefetch_row<DV>(k + idx[i + j + PREFETCH_DISTANCE] * k_stride);
+        const float* k_row = k + idx[i + j] * k_stride;
+        for (int h = 0; h < HG4; ++h) acc[j][h] = vec{};
+        for (int c = 0; c < DV; ++c) {
+          const vec kc = load(k_row + c * LANES);
+          for (int h = 0; h < HG4; ++h) acc[j][h] += q[h0 + h][c] * kc;
+        }
+      }
+      for (int h = 0; h < HG4; ++h) {
+        const vec sums = hsum4(acc[0][h], acc[1][h], acc[2][h], acc[3][h]);
+        float* p = probs + (h0 + h) * count + i;
+        for (int j = 0; j < 4; ++j) {
+          p[j] = sums[4 * j];
+          max_s[h0 + h] = std::max(max_s[h0 + h], sums[4 * j]);
+        }
+      }
+    }
   for (int h0 = 0; h0 < G; h0 += HG)
-    for (int64_t i = 0; i < count; ++i) {
-      if (i + PREFETCH_DISTANCE < count) prefetch_row<DV>(k + idx[i + PREFETCH_DISTANCE] * k_stride);
+    for (int64_t i = fours; i < count; ++i) {
       const float* k_row = k + idx[i] * k_stride;
       vec acc[HG];
       for (int h = 0; h < HG; ++h) acc[h] = vec{};
@@ -423,19 +463,24 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       }
     return;
   }
-  // One work item is one query row and one kv head. Few items still spread over the threads.
+  // One work item is one query row and one kv head. Items run tile by tile: ROW_TILE consecutive rows of
+  // kv head 0, then the same rows of kv head 1, and so on. Neighbouring queries often select the same
+  // keys, and this order reads those rows again while they are still in the core's L2 cache, where a
+  // row-major order would read the other kv heads' rows in between.
+  constexpr int64_t ROW_TILE = 16;
+  const int64_t rows = batch * queries;
+  const int64_t tile_items = ROW_TILE * kv_heads;
+  const int64_t padded_items = (rows + ROW_TILE - 1) / ROW_TILE * tile_items;
   const int64_t grain = items >= 8 * threads ? 8 : 1;
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, padded_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> valid(static_cast<size_t>(slots));
     std::vector<float> probs(static_cast<size_t>(G * slots));
-    int64_t listed_row = -1, count = 0;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = item / kv_heads, g = item % kv_heads;
+      const int64_t tile = item / tile_items, in_tile = item % tile_items;
+      const int64_t g = in_tile / ROW_TILE, row = tile * ROW_TILE + in_tile % ROW_TILE;
+      if (row >= rows) continue;  // past the last row of a partial tile
       const int64_t b = row / queries;
-      if (row != listed_row) {
-        count = list_valid(idx_ptr + row * slots, slots, valid.data());
-        listed_row = row;
-      }
+      const int64_t count = list_valid(idx_ptr + row * slots, slots, valid.data());
       float* out_head = out_ptr + (row * heads + g * G) * head_dim;
       if (count == 0) {  // no key: the row's output is 0, as in the reference
         std::fill(out_head, out_head + G * head_dim, 0.0f);
@@ -565,21 +610,6 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
 }
 
 namespace {
-
-// Sums each of the four vectors a, b, c, d: returns a vector whose lanes 0, 4, 8 and 12 hold the four sums.
-// Two-source shuffles halve the vectors twice, so four sums cost six shuffles where four hsum calls
-// cost sixteen.
-inline vec hsum4(vec a, vec b, vec c, vec d) {
-  const vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                 __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const vec cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                 __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  vec x = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-          __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return x;
-}
 
 inline float round_bf16_scalar(float x) {
   uint32_t bits;
