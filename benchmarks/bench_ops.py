@@ -888,7 +888,10 @@ def write_plots(results: dict[str, Any], output: Path) -> list[Path]:
             axis.legend()
         settings = results["settings"]
         inputs = f"{settings.get('inputs', 'random')} inputs, index scores {settings.get('score_dtype', 'float32')}"
-        figure.suptitle(f"{settings['shape']} layer, fp32, top_k {settings['top_k']}, {inputs}, {results['machine']['cpu_model']}")
+        # Two lines, so that a one-panel figure does not clip the title.
+        figure.suptitle(
+            f"{settings['shape']} layer, fp32, top_k {settings['top_k']}\n{inputs}, {results['machine']['cpu_model']}"
+        )
         figure.tight_layout()
         path = output.with_name(f"{output.stem}-{suffix}.png")
         figure.savefig(path, dpi=120)

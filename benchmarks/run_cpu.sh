@@ -2,7 +2,8 @@
 # Run every CPU benchmark tier in one go and write raw JSON and PNG plots to $OUT (default bench-results/).
 # Run it on an idle machine: bench_ops.py flags cases during which other processes used the CPU, the
 # other scripts do not check.
-# About 55 minutes on 2 cores, the 64k prefills and the 30-layer model included. docs/benchmarks.md records a run.
+# About 36 to 55 minutes on 2 cores (Intel Xeon and AMD EPYC VMs), the 64k prefills and the 30-layer model
+# included. docs/benchmarks.md records each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}

@@ -14,8 +14,11 @@
 // select_rows: each row's top-k keys under the reference's tie rule, found among the keys at or above a
 // bound taken from a sample of the row (see the comment above that function).
 //
+// select_few: a decode step's selection in one call, scoring the indexer key cache in its own [B, S, DI]
+// layout, one key row against every (query, head) pair, then selecting each row as select_rows does.
+//
 // sparse_attention: each query attends only the keys its index row lists, read in place from the
-// key/value cache (see the comment above that function).
+// key/value cache (see the comment above that function). A decode row's keys are split over the threads.
 
 #include <torch/extension.h>
 
@@ -281,7 +284,7 @@ inline void prefetch_row(const float* row) {
 // keys listed in idx[0 .. count). probs is scratch of G * count floats; out receives G rows of DV vectors.
 // With row_max null, out is the attention output. Otherwise out receives the unnormalised sum
 // sum_i exp(s_i - m) v_i, row_max the maximum logit m and row_sum sum_i exp(s_i - m) of each head, so
-// that the caller can merge parts of one index row (see merge_parts).
+// that the caller can merge parts of one index row (see the merge in sparse_attention_impl).
 //
 // Register blocking: the logits pass takes HG heads at a time and the value pass CB vectors of each
 // value row at a time, so that the accumulators and the query vectors they use fit in 16 vector
@@ -540,7 +543,7 @@ struct RowScratch {
 
 // Writes row's `count` selected keys to out in ascending order, -1 after the last, following the
 // reference's rule: every score above the count-th largest, then the lowest-index keys equal to it.
-// Invisible keys are -inf and never selected. scratch holds at least span entries.
+// Invisible keys are -inf and never selected. scratch has room for at least span entries.
 void select_row(const float* row, int64_t span, int64_t count, int64_t* out, RowScratch& scratch) {
   int64_t* cand_idx = scratch.idx.data();
   float* cand_val = scratch.val.data();
@@ -636,7 +639,7 @@ constexpr int64_t ROW_BLOCK = 1024;
 
 // Scores of the queries whose (query, head) rows are qh (pairs x DV vectors in pair order, q rounded by the
 // caller where ROUND) against keys [first, last) of k (rows of stride k_stride, DV vectors each):
-// out[j * out_stride + s] = sum_h w[j * heads + h] * relu(q[j, h] . k_s). wq holds each group of four
+// out[j * out_stride + s] = sum_h w[j * heads + h] * relu(q[j, h] . k_s). wq contains each group of four
 // weights of one query at lanes 0, 4, 8 and 12 (zeros elsewhere), which is where hsum4 leaves its sums,
 // so that the ReLU, the weighting and the sum over heads stay in vector registers. heads % 4 == 0.
 template <int DV, bool ROUND, typename T>
@@ -687,9 +690,10 @@ void score_keys_major_dispatch(const vec* qh, const vec* wq, int64_t queries, in
 
 }  // namespace
 
-// Top-k selection for a few queries (decode) from keys in the cache's own layout. q [B, Tc, HI, DI] fp32
-// (holding bf16 values when k is bf16), k [B, S, DI] fp32 or bf16 with unit stride along DI, DI in 16, 32,
-// 64 and 128, HI a multiple of 4, w [B, Tc, HI] fp32 already scaled. Query t sees keys 0 .. first + t, the causal rule and nothing else.
+// Top-k selection for a few queries (decode) from keys in the cache's own layout. q is [B, Tc, HI, DI] fp32,
+// holding bf16 values when k is bf16. k is [B, S, DI] fp32 or bf16 with unit stride along DI. DI is 16, 32,
+// 64 or 128 and HI a multiple of 4. w is [B, Tc, HI] fp32, already scaled. Query t sees keys 0 .. first + t
+// (the causal rule and no other mask).
 // Returns indices [B, Tc, count] int64, ascending, -1 after a row's last visible key, with the tie rule of
 // select_rows. The scores are computed keys-major, one key row against every (query, head) pair, so the
 // cache is read once, in order, without the transposed copy the many-query kernel needs.
@@ -708,6 +712,7 @@ torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int6
   TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128,
               "select_few supports DI 16, 32, 64 and 128; got ", head_dim);
   TORCH_CHECK(heads % 4 == 0, "select_few supports HI a multiple of 4; got ", heads);
+
   const int64_t pairs = queries * heads;
   // (query, head) rows as vectors, in pair order.
   std::vector<vec> qh(static_cast<size_t>(batch * pairs * (head_dim / LANES)));
@@ -715,6 +720,7 @@ torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int6
   // Each group of four weights at lanes 0, 4, 8 and 12 (see score_keys_major).
   std::vector<vec> wq(static_cast<size_t>(batch * pairs / 4), vec{});
   for (int64_t p = 0; p < batch * pairs; ++p) wq[p / 4][(p % 4) * 4] = w.data_ptr<float>()[p];
+
   auto scores = torch::empty({batch, queries, span}, q.options());
   float* score_ptr = scores.data_ptr<float>();
   const int64_t blocks = (span + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -731,6 +737,7 @@ torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int6
       else score_keys_major_dispatch<8>(q_b, w_b, queries, heads, k, b, lo, hi, out_b, span);
     }
   });
+
   auto out = torch::empty({batch, queries, count}, q.options().dtype(torch::kInt64));
   int64_t* out_ptr = out.data_ptr<int64_t>();
   at::parallel_for(0, batch * queries, 1, [&](int64_t begin, int64_t end) {

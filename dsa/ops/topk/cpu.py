@@ -1,10 +1,15 @@
-"""Per-row top-k with the reference's tie rule on the CPU (the C++ kernel `select_rows` of dsa/ops/_cpu.cpp).
+"""Top-k selection with the reference's tie rule on the CPU (the C++ kernels `select_rows` and `select_few`
+of dsa/ops/_cpu.cpp).
 
-For each row of scores it samples every 16th score, takes a bound that about 1.25 * count keys reach,
-finds the count-th largest among the keys at or above the bound, and lists the selected keys in key
-order: the same rule and sample as `_sampled_select` in `dsa.ops.topk.torch`, without its [Tc, S]
-temporaries. Rows where the bound admits fewer than count or more than half of the keys use every
-key as a candidate, so the result never depends on the sample.
+For each row of scores `select_rows` samples every 16th score, takes a bound that about 1.25 * count
+keys reach, finds the count-th largest among the keys at or above the bound, and lists the selected
+keys in key order. That is the rule and sample of `_sampled_select` in `dsa.ops.topk.torch`, without
+its [Tc, S] temporaries, for rows of at least 3 * count keys (8 * count there). Rows where the bound
+admits fewer than count or more than half of the keys use every key as a candidate, so the result
+never depends on the sample.
+
+`select_few` is a decode step's whole selection: index scores from the keys-major indexer key cache,
+then the same row selection, in one call.
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ FEW_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def select_few_cpu_applies(q_idx: torch.Tensor, k_idx: torch.Tensor) -> bool:
-    """True when `select_few_cpu` can take q_idx [B, T, HI, DI] and k_idx [B, S, DI]: CPU tensors, fp32 or
-    bf16 keys with unit stride along DI, a compiled DI, HI a multiple of 4, no gradient needed, and the
-    kernels build."""
+    """True when `select_few_cpu` can take q_idx [B, T, HI, DI] and k_idx [B, S, DI]. That needs CPU
+    tensors, fp32 or bf16 keys with unit stride along DI, a compiled DI and HI a multiple of 4. It also
+    needs no gradient and a build of the kernels."""
     if q_idx.device.type != "cpu" or k_idx.dtype not in (torch.float32, torch.bfloat16) or k_idx.stride(-1) != 1:
         return False
     if q_idx.shape[-1] not in FEW_HEAD_DIMS or q_idx.shape[2] % 4:
