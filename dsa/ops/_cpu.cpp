@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <climits>
+#include <cstdint>
 #include <functional>
 #include <type_traits>
 #include <cstring>
@@ -532,14 +534,56 @@ namespace {
 constexpr int64_t SAMPLE_STRIDE = 16;  // every 16th score forms a row's sample
 constexpr int64_t SAMPLED_MIN_SPAN = 3;  // rows of at least 3 * count keys are sampled
 
-// Scratch of select_row for rows of up to `span` keys: candidate keys, their scores in key order, and a
-// copy of the scores that nth_element reorders.
+// Scratch of select_row for rows of up to `span` keys: candidate keys, their scores in key order, the
+// row's sample, and the values kth_largest reorders.
 struct RowScratch {
   explicit RowScratch(int64_t span)
-      : idx(static_cast<size_t>(span)), val(static_cast<size_t>(span)), work(static_cast<size_t>(span)) {}
+      : idx(static_cast<size_t>(span)), val(static_cast<size_t>(span)), sample(static_cast<size_t>(span)),
+        bucket(static_cast<size_t>(span)) {}
   std::vector<int64_t> idx;
-  std::vector<float> val, work;
+  std::vector<float> val, sample, bucket;
 };
+
+// Maps a float to an unsigned integer of the same order (for the floats other than NaN; -0 sorts below +0).
+inline uint32_t ordered_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+constexpr int RADIX_BITS = 11;
+
+// Returns the k-th largest (1-based) of values[0 .. n), 1 <= k <= n, leaving values unchanged. bucket is
+// scratch of n floats. One pass finds the range of the values' ordered bits, a second counts them in 2^11
+// buckets of that range, and nth_element runs only on the values of the bucket that contains the k-th
+// largest. On a row's candidates that bucket holds a few dozen values, where nth_element over all of them
+// cost most of the selection.
+float kth_largest(const float* values, int64_t n, int64_t k, float* bucket) {
+  uint32_t low = UINT32_MAX, high = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = ordered_bits(values[i]);
+    low = std::min(low, bits);
+    high = std::max(high, bits);
+  }
+  if (low == high) return values[0];
+  const uint32_t range = high - low;
+  const int shift = std::max(0, 32 - __builtin_clz(range) - RADIX_BITS);
+  uint32_t counts[1 << RADIX_BITS] = {};
+  for (int64_t i = 0; i < n; ++i) ++counts[(ordered_bits(values[i]) - low) >> shift];
+  // The bucket of the k-th largest, scanning from the largest values down.
+  int64_t above = 0;
+  int64_t target = range >> shift;
+  for (; target > 0 && above + counts[target] < k; --target) above += counts[target];
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float value = values[i];
+    bucket[m] = value;
+    m += static_cast<int64_t>((ordered_bits(value) - low) >> shift) == target;
+  }
+  const int64_t need = k - above;  // the need-th largest within the bucket
+  std::nth_element(bucket, bucket + (need - 1), bucket + m, std::greater<float>());
+  return bucket[need - 1];
+}
 
 // Writes row's `count` selected keys to out in ascending order, -1 after the last, following the
 // reference's rule: every score above the count-th largest, then the lowest-index keys equal to it.
@@ -547,17 +591,16 @@ struct RowScratch {
 void select_row(const float* row, int64_t span, int64_t count, int64_t* out, RowScratch& scratch) {
   int64_t* cand_idx = scratch.idx.data();
   float* cand_val = scratch.val.data();
-  float* work = scratch.work.data();
   int64_t n = 0;
   if (span >= SAMPLED_MIN_SPAN * count) {
     // The bound is the rank-th largest of the sample, with rank sized for about 1.25 * count keys at or
     // above it. The count largest scores are then all at or above the bound whenever at least count
     // keys reach it. That is checked, and where it fails every key is a candidate.
+    float* sample = scratch.sample.data();
     int64_t samples = 0;
-    for (int64_t i = 0; i < span; i += SAMPLE_STRIDE) work[samples++] = row[i];
+    for (int64_t i = 0; i < span; i += SAMPLE_STRIDE) sample[samples++] = row[i];
     const int64_t rank = std::min<int64_t>(samples, count * 5 / 4 / SAMPLE_STRIDE + 16);
-    std::nth_element(work, work + (rank - 1), work + samples, std::greater<float>());
-    const float bound = work[rank - 1];
+    const float bound = kth_largest(sample, samples, rank, scratch.bucket.data());
     if (bound > -INFINITY) {
       // Without a branch: every key is written, and the count moves on only for those at or above the bound.
       for (int64_t i = 0; i < span; ++i) {
@@ -574,11 +617,9 @@ void select_row(const float* row, int64_t span, int64_t count, int64_t* out, Row
     std::memcpy(cand_val, row, span * sizeof(float));
     n = span;
   }
-  // The count-th largest candidate, found in a copy so that cand_val keeps key order.
+  // The count-th largest candidate (cand_val keeps key order).
   const int64_t k = std::min(count, n);
-  std::memcpy(work, cand_val, n * sizeof(float));
-  std::nth_element(work, work + (k - 1), work + n, std::greater<float>());
-  const float kth = work[k - 1];
+  const float kth = kth_largest(cand_val, n, k, scratch.bucket.data());
   int64_t above = 0;
   for (int64_t j = 0; j < n; ++j) above += cand_val[j] > kth;
   int64_t equal_left = kth > -INFINITY ? k - above : 0;
