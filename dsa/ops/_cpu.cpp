@@ -285,8 +285,8 @@ inline void prefetch_row(const float* row) {
 // One query row and one kv head: the G query heads q (G rows of DV vectors, already scaled) attend the
 // keys listed in idx[0 .. count). probs is scratch of G * count floats; out receives G rows of DV vectors.
 // With row_max null, out is the attention output. Otherwise out receives the unnormalised sum
-// sum_i exp(s_i - m) v_i, row_max the maximum logit m and row_sum sum_i exp(s_i - m) of each head, so
-// that the caller can merge parts of one index row (see the merge in sparse_attention_impl).
+// sum_i exp(s_i - m) v_i of each head, row_max its maximum logit m and row_sum its sum_i exp(s_i - m).
+// The caller then merges the parts of one index row (see the merge in sparse_attention_impl).
 //
 // Register blocking: the logits pass takes HG heads at a time and the value pass CB vectors of each
 // value row at a time, so that the accumulators and the query vectors they use fit in 16 vector
@@ -556,7 +556,7 @@ constexpr int RADIX_BITS = 11;
 // Returns the k-th largest (1-based) of values[0 .. n), 1 <= k <= n, leaving values unchanged. bucket is
 // scratch of n floats. One pass finds the range of the values' ordered bits, a second counts them in 2^11
 // buckets of that range, and nth_element runs only on the values of the bucket that contains the k-th
-// largest. On a row's candidates that bucket holds a few dozen values, where nth_element over all of them
+// largest. On a row's candidates that bucket contains a few dozen values, where nth_element over all of them
 // cost most of the selection.
 float kth_largest(const float* values, int64_t n, int64_t k, float* bucket) {
   uint32_t low = UINT32_MAX, high = 0;
@@ -655,14 +655,6 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
 
 namespace {
 
-inline float round_bf16_scalar(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&x, &bits, sizeof(bits));
-  return x;
-}
-
 using hvec = uint16_t __attribute__((vector_size(32)));  // 16 bf16 values
 
 // Loads 16 bf16 values as fp32 (a bf16 value is the upper half of its fp32 bits).
@@ -681,8 +673,8 @@ constexpr int64_t ROW_BLOCK = 1024;
 // Scores of the queries whose (query, head) rows are qh (pairs x DV vectors in pair order, q rounded by the
 // caller where ROUND) against keys [first, last) of k (rows of stride k_stride, DV vectors each):
 // out[j * out_stride + s] = sum_h w[j * heads + h] * relu(q[j, h] . k_s). wq contains each group of four
-// weights of one query at lanes 0, 4, 8 and 12 (zeros elsewhere), which is where hsum4 leaves its sums,
-// so that the ReLU, the weighting and the sum over heads stay in vector registers. heads % 4 == 0.
+// weights of one query at lanes 0, 4, 8 and 12 (zeros elsewhere), where hsum4 leaves its sums. So the
+// ReLU, the weighting and the sum over heads stay in vector registers. heads % 4 == 0.
 template <int DV, bool ROUND, typename T>
 void score_keys_major(const vec* qh, const vec* wq, int64_t queries, int64_t heads, const T* k, int64_t k_stride,
                       int64_t first, int64_t last, float* out, int64_t out_stride) {
@@ -733,8 +725,8 @@ void score_keys_major_dispatch(const vec* qh, const vec* wq, int64_t queries, in
 
 // Top-k selection for a few queries (decode) from keys in the cache's own layout. q is [B, Tc, HI, DI] fp32,
 // holding bf16 values when k is bf16. k is [B, S, DI] fp32 or bf16 with unit stride along DI. DI is 16, 32,
-// 64 or 128 and HI a multiple of 4. w is [B, Tc, HI] fp32, already scaled. Query t sees keys 0 .. first + t
-// (the causal rule and no other mask).
+// 64 or 128 and HI a multiple of 4. w is [B, Tc, HI] fp32, already scaled. Query t may attend keys
+// 0 .. first + t (the causal rule and no other mask).
 // Returns indices [B, Tc, count] int64, ascending, -1 after a row's last visible key, with the tie rule of
 // select_rows. The scores are computed keys-major, one key row against every (query, head) pair, so the
 // cache is read once, in order, without the transposed copy the many-query kernel needs.

@@ -198,7 +198,7 @@ def test_sparse_attention_kernel_matches_reference(heads, kv_heads, head_dim):
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 1, 128), (2, 2, 64)])
 def test_sparse_attention_kernel_decode_split(heads, kv_heads, head_dim):
-    """Decode rows with few kv heads split their keys over the threads and merge the parts; rows with
+    """Decode rows with few kv heads split their keys over the threads and merge the parts. Rows with
     fewer valid keys than parts, or none, must still match the reference."""
     q, k, v, indices = _attention_inputs(2, 1, 3000, heads, kv_heads, head_dim, 2048, seed=heads)
     indices[1, 0, 1:] = -1  # one valid key: every part but one is empty
