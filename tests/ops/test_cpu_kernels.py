@@ -262,7 +262,9 @@ def test_fused_prefill_with_kernels(monkeypatch):
     indices = select_topk_reference(q_idx, k_idx, w, 64)
     torch.testing.assert_close(out, sparse_attention_reference(q, k, v, indices), rtol=1e-5, atol=1e-5)
     assert torch.equal(counts, (indices >= 0).sum(dim=-1))
-    assert len(calls) == 3
+    # chunk_size 128, but blocks of at most KERNEL_BLOCK queries with the kernel: 300 queries in 5 blocks.
+    assert prefill_module.KERNEL_BLOCK == 64
+    assert len(calls) == 5
 
 
 def test_build_failure_falls_back_to_pytorch(monkeypatch, caplog):
