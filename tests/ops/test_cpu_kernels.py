@@ -144,8 +144,8 @@ def test_select_few_kernel_equals_reference(batch, queries, keys, head_dim, scor
 
 
 def test_select_few_kernel_ties_and_short_rows():
-    """Scores on a few levels tie at the boundary (lowest index first); rows seeing fewer keys than count
-    list them all, then -1."""
+    """Scores on a few levels tie at the boundary, where the lowest index wins. Rows that see fewer keys
+    than count list them all, then -1."""
     q, k, w = _indexer_inputs(1, 4, 3000, 4, 32, seed=3)
     k, q = (k * 2).round() / 2, (q * 2).round() / 2
     for q_start in (2996, 10):

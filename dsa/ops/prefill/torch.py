@@ -34,8 +34,8 @@ KERNEL_BLOCK = 64
 """Maximum queries per block when the CPU attention kernel runs. A block's scores and index sets are the
 prefill's extra memory. On a 2-core Intel Xeon (random SmolLM2-135M inputs, one process), blocks of 64
 instead of 256 queries cut the peak growth at 16k tokens from 74.5 to 48.7 MiB (the output is 36 MiB).
-At 64k it fell from 195 to 172 MiB. They took 1.39 against 1.43 s at 16k and 12.4 against
-12.1 s at 64k."""
+At 64k it fell from 195 to 172 MiB. The 16k prefill took 1.39 s against 1.43 s, the 64k one 12.4 s
+against 12.1 s."""
 
 
 def _score_chunk(chunk_size: int, indexer_heads: int, keys: int) -> int:
@@ -69,8 +69,9 @@ def sparse_prefill_torch(
 
     The result equals `select_topk_torch` followed by `sparse_attention_torch`, but [B, T, K] is never
     allocated. Blocks have `chunk_size` queries, at most KERNEL_BLOCK with the CPU attention kernel.
-    Their selection runs in chunks of fewer queries at long S (see SCORE_BUDGET); without the CPU
-    kernel, their attention keeps tiles of 64 queries, because SDPA calls over few rows are slow. `score_dtype` is the dtype of the index scores' q . k product (`select_topk_torch`).
+    Their selection runs in chunks of fewer queries at long S (see SCORE_BUDGET). Without the CPU
+    kernel, their attention keeps tiles of 64 queries, because SDPA calls over few rows are slow.
+    `score_dtype` is the dtype of the index scores' q . k product (`select_topk_torch`).
     Raises ValueError when a gradient is required, since there is no backward pass.
     """
     batch, queries, heads, head_dim = q.shape

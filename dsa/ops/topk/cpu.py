@@ -53,7 +53,7 @@ def select_few_cpu_applies(q_idx: torch.Tensor, k_idx: torch.Tensor) -> bool:
 
 def select_few_cpu(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor, first: int, count: int) -> torch.Tensor:
     """Return indices [B, T, count] (int64, ascending, -1 after a row's last visible key) of the `count`
-    largest index scores of each query, query t seeing keys 0 .. first + t, ties to the lowest index.
+    largest index scores of each query, ties to the lowest index. Query t may attend keys 0 .. first + t.
 
     For a few queries (decode): the kernel scores keys-major straight from k_idx [B, S, DI] (the indexer
     key cache, fp32 or bf16, which sets the product's dtype as in `index_scores_chunk`) and selects

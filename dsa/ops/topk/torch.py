@@ -53,13 +53,12 @@ def select_topk_torch(
     q_start = resolve_mask_args(queries, keys, batch, q_start, key_padding_mask, attention_mask)
     width = min(top_k, keys)
     plain = sink_tokens == 0 and local_tokens == 0
-    if (
-        scores_fn is None and plain and keys > width and queries * q_idx.shape[2] <= FEW_QUERY_HEADS
-        and _sees_all(key_padding_mask) and _sees_all(attention_mask)
-    ):
-        # Decode: one C++ call scores the keys in the cache's own layout and selects each row.
+    few_queries = queries * q_idx.shape[2] <= FEW_QUERY_HEADS
+    if scores_fn is None and plain and keys > width and few_queries and q_idx.device.type == "cpu":
+        # Decode: one C++ call scores the keys in the cache's own layout and selects each row. The masks
+        # are checked last, since each check reads the whole mask.
         k_score = k_idx.to(score_dtype)
-        if select_few_cpu_applies(q_idx, k_score):
+        if select_few_cpu_applies(q_idx, k_score) and _sees_all(key_padding_mask) and _sees_all(attention_mask):
             return select_few_cpu(q_idx, k_score, weights, q_start, width)
     if scores_fn is None:
         scores_fn = _torch_scores
