@@ -318,6 +318,40 @@ def test_attention_function_honours_every_mask_form(form):
     assert not torch.allclose(masked[:, 1:4], outputs["bool4d"][:, 1:4])
 
 
+def test_decode_mask_memo_sees_changed_masks():
+    """The attention function checks a decode mask once and reuses the answer for the same tensor; a mask
+    changed in place, or a new mask that hides keys, must still hide them."""
+    _, model = _pair(top_k=3)
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 1, 64, generator=generator)
+    query = torch.randn(1, 4, 1, 16, generator=generator)
+    key = torch.randn(1, 2, 12, 16, generator=generator)
+    value = torch.randn(1, 2, 12, 16, generator=generator)
+    keys = torch.randn(1, 12, 16, generator=generator)
+    weights = torch.randn(1, 1, 2, generator=generator)
+
+    def step(mask):
+        q_idx = module.indexer(hidden, torch.tensor([[11]]))[0]
+        module.dsa_state.indexer_inputs = (q_idx, keys, weights)
+        return dsa_attention_forward(module, query, key, value, mask, scaling=0.25)[0]
+
+    def chosen(mask):
+        """Keys the selection keeps for the decode row under `mask`, from the reference operator."""
+        q_idx = module.indexer(hidden, torch.tensor([[11]]))[0]
+        return dsa.ops.select_topk_reference(q_idx, keys, weights, 3, q_start=11, key_padding_mask=mask.view(1, 12))
+
+    mask = torch.ones(1, 1, 1, 12, dtype=torch.bool)
+    everything = step(mask)
+    assert model.dsa_runtime.visible_mask_memo is not None, "an all-visible decode mask was not remembered"
+    torch.testing.assert_close(step(mask), everything, atol=0, rtol=0)
+    # Hide the keys the all-visible step selected, in place: the memo must not hide the change.
+    mask[0, 0, 0, chosen(mask)[0, 0]] = False
+    in_place = step(mask)
+    torch.testing.assert_close(in_place, step(mask.clone()), atol=0, rtol=0)
+    assert not torch.allclose(in_place, everything)
+
+
 def test_stale_indexer_inputs_never_reused():
     _, model = _pair()
     module = model.model.layers[0].self_attn

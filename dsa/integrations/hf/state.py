@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -30,6 +30,9 @@ class DSARuntime:
     # dense attention pass per layer; for logging and evaluation).
     measure_recall: bool = False
     layers: list["LayerState"] = field(default_factory=list)
+    # The last decode mask found to hide no key: (weak reference to the mask transformers passed, its
+    # version, the keys checked). Every layer of one forward receives the same mask, so one check serves all.
+    visible_mask_memo: tuple[Callable[[], object], int, int] | None = field(default=None, repr=False)
 
 
 @dataclass
