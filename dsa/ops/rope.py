@@ -28,6 +28,8 @@ def rope_cos_sin(
     attention_scaling: factor some scaled RoPE variants (YaRN, LongRoPE) apply to cos and sin.
     """
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(torch.float32)
+    if attention_scaling == 1.0:
+        return angles.cos(), angles.sin()
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
@@ -60,4 +62,6 @@ def apply_partial_rope(
     else:
         even, odd = rotated[..., 0::2], rotated[..., 1::2]
         out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat((out.to(x.dtype), untouched), dim=-1)
+    out = out.to(x.dtype)
+    # Skipped when every dim rotates: a cat with an empty tensor still copies `out` (decode pays per call).
+    return out if rope_dim == x.shape[-1] else torch.cat((out, untouched), dim=-1)
