@@ -2,7 +2,8 @@
 
 The model is a Llama-architecture model with the layer widths of SmolLM2-135M or Qwen3-4B, a few
 layers (`--layers`) and random weights. The DSA copy is converted with `dsa.convert`, its indexer sized
-by the default rule and random too, because selection quality does not change the work. For each
+by the default rule (or a DSA preset, `--dsa_preset`) and random too, because selection quality does not
+change the work. For each
 context length S it measures, in one process and one run:
 
 - decode: milliseconds per generated token (greedy, batch 1) after a context of S tokens, dense vs DSA.
@@ -61,9 +62,11 @@ class CheckFailed(RuntimeError):
 
 
 def build_models(
-    shape: str, layers: int, top_k: int, max_tokens: int, seed: int, score_dtype: str = "float32"
+    shape: str, layers: int, top_k: int, max_tokens: int, seed: int, score_dtype: str = "float32",
+    preset: str | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Return (dense, dsa) copies of one random model; the DSA copy is converted in sparse mode."""
+    """Return (dense, dsa) copies of one random model; the DSA copy is converted in sparse mode, its
+    indexer sized by `dsa.default_config` or by the DSA preset `preset`."""
     config = LlamaConfig(
         **WIDTHS[shape], num_hidden_layers=layers, max_position_embeddings=max_tokens + 64,
         rope_theta=100000.0, tie_word_embeddings=True, attn_implementation="sdpa",
@@ -71,7 +74,7 @@ def build_models(
     torch.manual_seed(seed)
     dense = LlamaForCausalLM(config).eval()
     sparse = copy.deepcopy(dense)
-    dsa_config = dsa.default_config(sparse)
+    dsa_config = dsa.default_config(sparse) if preset is None else dsa.DSAConfig.preset(preset)
     dsa_config.top_k = top_k
     dsa_config.indexer_score_dtype = score_dtype
     dsa_config.validate()
@@ -152,8 +155,11 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("ms per generated token (median)")
     settings = results["settings"]
     scores = "" if settings.get("indexer_score_dtype", "float32") == "float32" else ", bf16 index scores"
+    config = settings.get("dsa_config", {})
+    indexer = f", indexer {config['indexer_heads']} x {config['indexer_head_dim']}" if config else ""
     axis.set_title(
-        f"{settings['shape']} widths, {settings['layers']} layers, top_k {settings['top_k']}, {settings.get('cache', 'dynamic')} cache, fp32{scores}"
+        f"{settings['shape']} widths, {settings['layers']} layers, top_k {settings['top_k']}{indexer},\n"
+        f"{settings.get('cache', 'dynamic')} cache, fp32{scores}"
     )
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
@@ -183,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="DSAConfig.indexer_score_dtype of the DSA model: bfloat16 runs the indexer's q . k product in bf16 and "
         "keeps its key cache in bf16 (default float32)",
     )
+    parser.add_argument(
+        "--dsa_preset", choices=sorted(dsa.PRESETS), default=None,
+        help="size the indexer as this DSA preset does (smollm2-135m: the shipped adapter's 4 heads of 32 dims) "
+        "instead of the default sizing rule (4 heads of 64 dims at SmolLM2 widths); --top_k still applies",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids (default 0)")
     parser.add_argument("--output", type=Path, help="raw JSON output (default bench-results/model-SHAPE.json); a PNG plot is written next to it")
     return parser
@@ -199,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or Path(f"bench-results/model-{args.shape}.json")
     max_tokens = max([*args.contexts, *args.prefill_tokens]) + args.steps
 
-    dense, sparse = build_models(args.shape, args.layers, args.top_k, max_tokens, args.seed, args.indexer_score_dtype)
+    dense, sparse = build_models(
+        args.shape, args.layers, args.top_k, max_tokens, args.seed, args.indexer_score_dtype, args.dsa_preset
+    )
     vocab = dense.config.vocab_size
     results: dict[str, Any] = {
         "command": [Path(sys.executable).name, *sys.argv],

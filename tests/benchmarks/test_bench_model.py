@@ -10,7 +10,7 @@ def test_model_benchmark_writes_results_and_plot(tmp_path):
     output = tmp_path / "model.json"
     completed = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_model.py"), "--layers", "1", "--contexts", "200", "--prefill_tokens", "96",
-         "--steps", "2", "--top_k", "32", "--output", str(output)],
+         "--steps", "2", "--top_k", "32", "--dsa_preset", "smollm2-135m", "--output", str(output)],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -20,6 +20,9 @@ def test_model_benchmark_writes_results_and_plot(tmp_path):
     assert len(decode["dsa_step_ms"]) == 2
     assert results["prefill"][0]["tokens"] == 96
     assert output.with_suffix(".png").exists()
+    # The preset sizes the indexer (4 heads of 32 dims) and --top_k overrides its top_k of 256.
+    config = results["settings"]["dsa_config"]
+    assert (config["indexer_heads"], config["indexer_head_dim"], config["top_k"]) == (4, 32, 32)
 
 
 def test_model_benchmark_rejects_context_within_top_k():
