@@ -6,9 +6,10 @@
 // multiplications, set its speed. Here each block of keys stays in registers from the q . k product to
 // the weighted sum, and only the scores [Tc, S] are written.
 //
-// Keys arrive transposed, k_t [B, DI, S] with unit stride along S, so one vector contains one dimension
-// of consecutive keys. The loop order keeps a block of KEY_BLOCK keys in L1 while every query of the chunk
-// reads it. Written with GCC vector extensions, so the compiler picks the instructions the machine has
+// Each work item packs a block of KEY_BLOCK keys as [DI, KEY_BLOCK], so that one vector contains one
+// dimension of consecutive keys, and keeps it in L1 while every query of the chunk reads it. The keys
+// arrive as k_t [B, DI, S], either with unit stride along S or as the transposed view of the cache's
+// own [B, S, DI] (unit stride along DI), which the packing transposes: no copy of all S keys is needed. Written with GCC vector extensions, so the compiler picks the instructions the machine has
 // (AVX-512 or AVX2); the Python loader compiles it with -march=native.
 //
 // select_rows: each row's top-k keys under the reference's tie rule, found among the keys at or above a
@@ -107,6 +108,51 @@ inline void score_group(const float* q, const float* w, int64_t heads, int64_t h
     for (int v = 0; v < VECS; ++v) store(out + j * out_stride + v * LANES, score[j][v]);
 }
 
+// Lane indices of one level of transpose16 (see there): lanes of the first and the second row of a pair.
+template <int B>
+constexpr int first_row_lane(int lane) { return (lane / B) % 2 == 0 ? lane : LANES + lane - B; }
+template <int B>
+constexpr int second_row_lane(int lane) { return (lane / B) % 2 == 0 ? lane + B : LANES + lane; }
+
+#define DSA_SHUFFLE16(F, a, b) \
+  __builtin_shufflevector(a, b, F(0), F(1), F(2), F(3), F(4), F(5), F(6), F(7), F(8), F(9), F(10), F(11), \
+                          F(12), F(13), F(14), F(15))
+
+// Swaps the off-diagonal B x B blocks of every 2B x 2B diagonal block of the 16 x 16 matrix in r.
+template <int B>
+inline void swap_blocks(vec (&r)[LANES]) {
+  for (int i = 0; i < LANES; ++i)
+    if ((i / B) % 2 == 0) {
+      const vec x = r[i], y = r[i + B];
+      r[i] = DSA_SHUFFLE16(first_row_lane<B>, x, y);
+      r[i + B] = DSA_SHUFFLE16(second_row_lane<B>, x, y);
+    }
+}
+
+// Transposes the 16 x 16 matrix whose rows are r[0 .. 16): the transpose swaps the off-diagonal halves,
+// then transposes each half in place, down to 1 x 1 blocks.
+inline void transpose16(vec (&r)[LANES]) {
+  swap_blocks<8>(r);
+  swap_blocks<4>(r);
+  swap_blocks<2>(r);
+  swap_blocks<1>(r);
+}
+
+// Packs count keys of a keys-major block (key i's DI floats at k + i * k_stride) as [DI][KEY_BLOCK] at
+// out: 16 x 16 tiles transposed in registers, the rest one float at a time.
+inline void pack_keys_major(const float* k, int64_t k_stride, int64_t count, int64_t head_dim, float* out) {
+  const int64_t full = head_dim % LANES == 0 ? count / LANES * LANES : 0;
+  for (int64_t i0 = 0; i0 < full; i0 += LANES)
+    for (int64_t d0 = 0; d0 < head_dim; d0 += LANES) {
+      vec tile[LANES];
+      for (int j = 0; j < LANES; ++j) tile[j] = load(k + (i0 + j) * k_stride + d0);
+      transpose16(tile);
+      for (int m = 0; m < LANES; ++m) store(out + (d0 + m) * KEY_BLOCK + i0, tile[m]);
+    }
+  for (int64_t d = 0; d < head_dim; ++d)
+    for (int64_t i = full; i < count; ++i) out[d * KEY_BLOCK + i] = k[i * k_stride + d];
+}
+
 // Copies qb queries q[t .. t + qb) [HI, DI] into out as [DI][HI][qb], so that the QB * NH values a key
 // vector meets at one dimension lie next to each other.
 inline void pack_queries(const float* q, int64_t qb, int64_t heads, int64_t head_dim, float* out) {
@@ -117,7 +163,8 @@ inline void pack_queries(const float* q, int64_t qb, int64_t heads, int64_t head
 
 }  // namespace
 
-// q [B, Tc, HI, DI] fp32, k_t [B, DI, S] fp32 or bf16 (stride 1 along S), w [B, Tc, HI] fp32 already scaled.
+// q [B, Tc, HI, DI] fp32, k_t [B, DI, S] fp32 or bf16 (stride 1 along S or along DI), w [B, Tc, HI] fp32
+// already scaled.
 // Returns scores [B, Tc, S] fp32. With bf16 keys the product is a bf16 product's: q must hold bf16 values
 // (the caller rounds it), the sum runs in fp32 and each logit is rounded to bf16 before the ReLU.
 torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) {
@@ -127,7 +174,9 @@ torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) 
   const bool round = k_t.dtype() == torch::kBFloat16;
   TORCH_CHECK(q.dim() == 4 && k_t.dim() == 3 && w.dim() == 3, "index_scores expects q [B, Tc, HI, DI], "
               "k_t [B, DI, S] and w [B, Tc, HI]");
-  TORCH_CHECK(k_t.stride(2) == 1, "index_scores expects k_t with unit stride along S");
+  TORCH_CHECK(k_t.stride(2) == 1 || k_t.stride(1) == 1, "index_scores expects k_t with unit stride along S or DI");
+  // Keys-major: the transposed view of [B, S, DI]. A size-1 S or DI dim reports either stride.
+  const bool keys_major = k_t.stride(2) != 1;
   q = q.contiguous();
   w = w.contiguous();
   const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
@@ -141,7 +190,7 @@ torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) 
   const float* k_ptr = round ? nullptr : k_t.data_ptr<float>();
   const at::BFloat16* k_bf16 = round ? k_t.data_ptr<at::BFloat16>() : nullptr;
   float* out_ptr = out.data_ptr<float>();
-  const int64_t k_batch_stride = k_t.stride(0), k_stride = k_t.stride(1);
+  const int64_t k_batch_stride = k_t.stride(0), k_stride = keys_major ? k_t.stride(2) : k_t.stride(1);
   const int64_t blocks = (keys + KEY_BLOCK - 1) / KEY_BLOCK;
   // Queries packed per block of QUERY_BLOCK (the remainder one by one), at the same offsets as in q.
   std::vector<float> q_packed(static_cast<size_t>(batch * queries * heads * head_dim));
@@ -164,7 +213,16 @@ torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) 
       const int64_t count = std::min(KEY_BLOCK, keys - first);
       const int64_t groups = (count + GROUP - 1) / GROUP;
       if (count < KEY_BLOCK) std::fill(packed.begin(), packed.end(), 0.0f);
-      if (round) {
+      // k_stride: between dims (unit stride along S), or between keys (keys-major).
+      if (keys_major) {
+        if (round) {
+          const at::BFloat16* k_b = k_bf16 + b * k_batch_stride + first * k_stride;
+          for (int64_t i = 0; i < count; ++i)
+            for (int64_t d = 0; d < head_dim; ++d) packed[d * KEY_BLOCK + i] = static_cast<float>(k_b[i * k_stride + d]);
+        } else {
+          pack_keys_major(k_ptr + b * k_batch_stride + first * k_stride, k_stride, count, head_dim, packed.data());
+        }
+      } else if (round) {
         const at::BFloat16* k_b = k_bf16 + b * k_batch_stride + first;
         for (int64_t d = 0; d < head_dim; ++d)
           for (int64_t i = 0; i < count; ++i) packed[d * KEY_BLOCK + i] = static_cast<float>(k_b[d * k_stride + i]);

@@ -78,20 +78,37 @@ def test_index_scores_kernel_key_prefix():
     torch.testing.assert_close(index_scores_chunk_cpu(q, prefix, w), index_scores_reference(q, k[:, :333], w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_scores_kernel_reads_the_cache_layout(dtype):
+    """Keys-major keys (the transposed view of [B, S, DI], a prefix of it, a batch of two) give the same
+    scores as the same keys with unit stride along S."""
+    q, k, w = _indexer_inputs(2, 20, 700, 4, 32, seed=5)
+    k = k.to(dtype)
+    q = q.to(dtype).float()
+    for keys in (700, 333, 1):
+        view = k[:, :keys].transpose(1, 2)
+        assert view.stride(-2) == 1 or keys == 1
+        torch.testing.assert_close(
+            index_scores_chunk_cpu(q, view, w), index_scores_chunk_cpu(q, view.contiguous(), w), rtol=0, atol=0
+        )
+
+
 def test_index_scores_chunk_kernel_choice(monkeypatch):
     calls = []
     monkeypatch.setattr("dsa.ops.indexer.torch.index_scores_chunk_cpu", lambda *a: calls.append(1) or index_scores_chunk_cpu(*a))
     q, k, w = _indexer_inputs(1, 32, 200, 4, 32)
-    layout = kernel_layout(k.transpose(1, 2), 32, 4)
-    assert layout.stride(-1) == 1
-    index_scores_chunk(q, layout, w)
+    cache_view = k.transpose(1, 2)
+    assert kernel_layout(cache_view, 32, 4) is cache_view, "the cache's own layout was copied"
+    strided = k.repeat(1, 1, 2)[:, :, ::2].transpose(1, 2)  # unit stride along neither S nor DI
+    assert kernel_layout(strided, 32, 4).stride(-1) == 1
+    index_scores_chunk(q, cache_view, w)
     assert len(calls) == 1
-    index_scores_chunk(q[:, :1], layout, w[:, :1])  # a decode step: 4 rows, the keys-major product
-    index_scores_chunk(q, k.transpose(1, 2), w)  # keys in the cache layout
-    index_scores_chunk(q.bfloat16(), layout.bfloat16(), w)  # a bf16 score product
+    index_scores_chunk(q[:, :1], cache_view, w[:, :1])  # a decode step: 4 rows, the keys-major product
+    index_scores_chunk(q, strided, w)  # strides the kernel does not read
+    index_scores_chunk(q.bfloat16(), cache_view.bfloat16(), w)  # a bf16 score product
     assert len(calls) == 2
     q.requires_grad_(True)
-    index_scores_chunk(q, layout, w)  # the kernel has no backward
+    index_scores_chunk(q, cache_view, w)  # the kernel has no backward
     assert len(calls) == 2
 
 

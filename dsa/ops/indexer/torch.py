@@ -3,8 +3,8 @@
 The per-head logits [B, Tc, HI, S] exist for one chunk of Tc queries at a time; the head-weighted sum
 is a batched matrix-vector product, so no [B, T, HI, S] tensor is ever held.
 
-On the CPU, a chunk of many queries with fp32 or bf16 keys in the transposed layout [B, DI, S] (unit
-stride along S) goes to the fused C++ kernel of `dsa.ops.indexer.cpu`, which never writes the
+On the CPU, a chunk of many queries with fp32 or bf16 keys [B, DI, S] (unit stride along S, or the
+transposed view of the [B, S, DI] cache) goes to the fused C++ kernel of `dsa.ops.indexer.cpu`, which never writes the
 logits. `index_scores_chunk_torch` is the PyTorch path it replaces, and the tests check one against
 the other.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_indexer_inputs, check_score_dtype
-from dsa.ops.indexer.cpu import cpu_kernel_applies, index_scores_chunk_cpu
+from dsa.ops.indexer.cpu import cpu_kernel_applies, index_scores_chunk_cpu, kernel_reads
 
 # Up to this many (query, indexer head) pairs per chunk, scores are computed keys-major (decode).
 FEW_QUERY_HEADS = 64
@@ -29,7 +29,7 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
 
     The product runs in k_idx_t's dtype (fp32 or bf16). No validation: callers pass checked,
     transposed keys already in that dtype, so a loop over chunks converts them once. Many queries
-    against keys with unit stride along S take the fused CPU kernel (see `kernel_layout`).
+    against keys the kernel reads in place take the fused CPU kernel (see `kernel_layout`).
     """
     if q_idx.shape[1] * q_idx.shape[2] > FEW_QUERY_HEADS and cpu_kernel_applies(q_idx, k_idx_t):
         return index_scores_chunk_cpu(q_idx, k_idx_t, weights)
@@ -37,13 +37,14 @@ def index_scores_chunk(q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torc
 
 
 def kernel_layout(k_idx_t: torch.Tensor, queries: int, heads: int) -> torch.Tensor:
-    """Return the keys k_idx_t [B, DI, S] in the layout the fused CPU kernel reads (unit stride along S)
-    when chunks of `queries` queries and `heads` heads would take it, else k_idx_t unchanged.
+    """Return the keys k_idx_t [B, DI, S] in a layout the fused CPU kernel reads when chunks of `queries`
+    queries and `heads` heads would take it, else k_idx_t unchanged.
 
-    Keys usually arrive as a transposed view of [B, S, DI]; the copy costs S * DI values, once per call
+    The kernel reads keys with unit stride along S or along DI, so the usual input, a transposed view of
+    the [B, S, DI] cache, is returned as it is. Other strides are copied once per call (S * DI values)
     rather than once per chunk.
     """
-    if k_idx_t.stride(-1) == 1 or queries * heads <= FEW_QUERY_HEADS:
+    if kernel_reads(k_idx_t) or queries * heads <= FEW_QUERY_HEADS:
         return k_idx_t
     return k_idx_t.contiguous() if cpu_kernel_applies(k_idx_t, k_idx_t, require_layout=False) else k_idx_t
 

@@ -97,8 +97,8 @@ def sparse_prefill_torch(
     attend_in_kernel = sparse_attention_cpu_applies(q, k, v)
     # The tile-union forward keeps blocks of chunk_size queries, because its SDPA calls over few rows are slow.
     block = min(chunk_size, KERNEL_BLOCK) if attend_in_kernel else chunk_size
-    # Converted once here, so that each block's selection reads the keys without a copy: to the score
-    # dtype and, where the fused CPU kernel runs, to its layout [B, DI, S] (passed on as a transposed view).
+    # Converted once here to the score dtype, so that no block's selection copies the keys. The fused
+    # CPU kernel reads the cache's [B, S, DI] layout in place; only other strides are copied.
     k_idx_t = kernel_layout(k_idx.to(score_dtype).transpose(1, 2), block, q_idx.shape[2])
     k_idx = k_idx_t.transpose(1, 2)
     # The kernel writes no per-head logits, so its chunks are bounded by the scores alone.

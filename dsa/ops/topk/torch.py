@@ -65,7 +65,7 @@ def select_topk_torch(
 
     k_idx_t = k_idx.to(score_dtype).transpose(1, 2)  # [B, DI, S], a view: bmm reads it without a copy
     if scores_fn is _torch_scores:
-        # The fused CPU kernel reads keys with unit stride along S: one copy for all chunks.
+        # The fused CPU kernel reads this view in place; keys of other strides are copied once for all chunks.
         k_idx_t = kernel_layout(k_idx_t, min(chunk_size, queries), q_idx.shape[2])
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
     for start in range(0, queries, chunk_size):
