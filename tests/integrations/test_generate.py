@@ -318,6 +318,35 @@ def test_attention_function_honours_every_mask_form(form):
     assert not torch.allclose(masked[:, 1:4], outputs["bool4d"][:, 1:4])
 
 
+def test_unpadded_prefill_gets_no_materialised_mask():
+    """Without padding, transformers' mask function leaves the causal mask out (a [T, S] mask costs T * S
+    bytes); with left padding the attention function receives it."""
+    from transformers import AttentionInterface
+
+    from dsa.integrations.hf.attention import ATTENTION_NAME, register
+
+    _, model = _pair()
+    masks = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return dsa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(ATTENTION_NAME, recording)
+    try:
+        ids = random_ids(2, 20, seed=3)
+        with torch.no_grad():
+            model(ids)
+            assert masks and all(mask is None for mask in masks), "an unpadded prefill received a mask"
+            masks.clear()
+            padding = torch.ones_like(ids)
+            padding[1, :4] = 0
+            model(ids, attention_mask=padding)
+    finally:
+        register()
+    assert masks and all(mask is not None and not bool(mask.all()) for mask in masks)
+
+
 def test_decode_mask_memo_sees_changed_masks():
     """The attention function checks a decode mask once and reuses the answer for the same tensor; a mask
     changed in place, or a new mask that hides keys, must still hide them."""
