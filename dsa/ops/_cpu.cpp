@@ -30,6 +30,7 @@
 #include <climits>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <type_traits>
 #include <cstring>
 
@@ -163,102 +164,132 @@ inline void pack_queries(const float* q, int64_t qb, int64_t heads, int64_t head
 
 }  // namespace
 
-// q [B, Tc, HI, DI] fp32, k_t [B, DI, S] fp32 or bf16 (stride 1 along S or along DI), w [B, Tc, HI] fp32
-// already scaled.
-// Returns scores [B, Tc, S] fp32. With bf16 keys the product is a bf16 product's: q must hold bf16 values
-// (the caller rounds it), the sum runs in fp32 and each logit is rounded to bf16 before the ReLU.
-torch::Tensor index_scores(torch::Tensor q, torch::Tensor k_t, torch::Tensor w) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "index_scores expects fp32 q and w");
-  TORCH_CHECK(k_t.dtype() == torch::kFloat32 || k_t.dtype() == torch::kBFloat16,
-              "index_scores expects fp32 or bf16 k_t");
+namespace {
+
+// Where the keys k_t [B, DI, S] of index_scores and select_chunk lie: fp32 or bf16 (then f32 is null),
+// with unit stride along S or along DI (the transposed view of a keys-major cache).
+struct KeySource {
+  const float* f32;
+  const at::BFloat16* bf16;
+  int64_t batch_stride, dim_stride, key_stride, head_dim;
+};
+
+KeySource key_source(const torch::Tensor& k_t) {
   const bool round = k_t.dtype() == torch::kBFloat16;
-  TORCH_CHECK(q.dim() == 4 && k_t.dim() == 3 && w.dim() == 3, "index_scores expects q [B, Tc, HI, DI], "
-              "k_t [B, DI, S] and w [B, Tc, HI]");
-  TORCH_CHECK(k_t.stride(2) == 1 || k_t.stride(1) == 1, "index_scores expects k_t with unit stride along S or DI");
-  // Keys-major: the transposed view of [B, S, DI]. A size-1 S or DI dim reports either stride.
-  const bool keys_major = k_t.stride(2) != 1;
-  q = q.contiguous();
-  w = w.contiguous();
-  const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
-  const int64_t keys = k_t.size(2);
-  TORCH_CHECK(k_t.size(0) == batch && k_t.size(1) == head_dim && w.size(0) == batch && w.size(1) == queries &&
-                  w.size(2) == heads,
-              "index_scores got mismatched shapes");
-  auto out = torch::empty({batch, queries, keys}, q.options());
-  const float* q_ptr = q.data_ptr<float>();
-  const float* w_ptr = w.data_ptr<float>();
-  const float* k_ptr = round ? nullptr : k_t.data_ptr<float>();
-  const at::BFloat16* k_bf16 = round ? k_t.data_ptr<at::BFloat16>() : nullptr;
-  float* out_ptr = out.data_ptr<float>();
-  const int64_t k_batch_stride = k_t.stride(0), k_stride = keys_major ? k_t.stride(2) : k_t.stride(1);
-  const int64_t blocks = (keys + KEY_BLOCK - 1) / KEY_BLOCK;
-  // Queries packed per block of QUERY_BLOCK (the remainder one by one), at the same offsets as in q.
-  std::vector<float> q_packed(static_cast<size_t>(batch * queries * heads * head_dim));
+  return KeySource{round ? nullptr : k_t.data_ptr<float>(), round ? k_t.data_ptr<at::BFloat16>() : nullptr,
+                   k_t.stride(0), k_t.stride(1), k_t.stride(2), k_t.size(1)};
+}
+
+// Packs count <= KEY_BLOCK keys of batch b, key i at position start + i * step, as [DI][KEY_BLOCK] at
+// packed, zero past count. Rows of a [DI, S] layout lie S floats apart, so read in place, a
+// power-of-two S would map all DI rows of a block to the same L1 cache sets; keys-major rows are
+// transposed in 16 x 16 tiles.
+void pack_keys(const KeySource& src, int64_t b, int64_t start, int64_t step, int64_t count, float* packed) {
+  const int64_t head_dim = src.head_dim;
+  if (count < KEY_BLOCK) std::fill(packed, packed + head_dim * KEY_BLOCK, 0.0f);
+  const int64_t offset = b * src.batch_stride + start * src.key_stride;
+  const int64_t key_stride = src.key_stride * step;
+  if (src.bf16 != nullptr) {
+    const at::BFloat16* k = src.bf16 + offset;
+    for (int64_t d = 0; d < head_dim; ++d)
+      for (int64_t i = 0; i < count; ++i)
+        packed[d * KEY_BLOCK + i] = static_cast<float>(k[d * src.dim_stride + i * key_stride]);
+    return;
+  }
+  const float* k = src.f32 + offset;
+  if (src.dim_stride == 1) {
+    pack_keys_major(k, key_stride, count, head_dim, packed);
+  } else if (key_stride == 1) {
+    for (int64_t d = 0; d < head_dim; ++d) std::memcpy(packed + d * KEY_BLOCK, k + d * src.dim_stride, count * sizeof(float));
+  } else {
+    for (int64_t d = 0; d < head_dim; ++d)
+      for (int64_t i = 0; i < count; ++i) packed[d * KEY_BLOCK + i] = k[d * src.dim_stride + i * key_stride];
+  }
+}
+
+// Queries q [B, Tc, HI, DI] packed per block of QUERY_BLOCK (the remainder one by one), at the same
+// offsets as in q (see pack_queries).
+std::vector<float> pack_all_queries(const float* q, int64_t batch, int64_t queries, int64_t heads, int64_t head_dim) {
+  std::vector<float> packed(static_cast<size_t>(batch * queries * heads * head_dim));
   const int64_t full_queries = queries / QUERY_BLOCK * QUERY_BLOCK;
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t t = 0; t < queries; t += t < full_queries ? QUERY_BLOCK : 1) {
       const int64_t offset = (b * queries + t) * heads * head_dim;
-      pack_queries(q_ptr + offset, t < full_queries ? QUERY_BLOCK : 1, heads, head_dim, q_packed.data() + offset);
+      pack_queries(q + offset, t < full_queries ? QUERY_BLOCK : 1, heads, head_dim, packed.data() + offset);
     }
+  return packed;
+}
+
+// Scores of every query of one batch entry (q packed by pack_all_queries, weights w [Tc, HI]) against
+// the first `groups` groups of a packed key block: query t's scores go to dest + t * dest_stride.
+void score_block(const float* q, const float* w, int64_t queries, int64_t heads, int64_t head_dim, bool round,
+                 const float* packed, int64_t groups, float* dest, int64_t dest_stride) {
+  const int64_t full_queries = queries / QUERY_BLOCK * QUERY_BLOCK;
+  int64_t t = 0;
+  for (; t < full_queries; t += QUERY_BLOCK)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* q_t = q + t * heads * head_dim;
+      float* out_t = dest + t * dest_stride + g * GROUP;
+      if (round)
+        score_group<QUERY_BLOCK, true>(q_t, w + t * heads, heads, head_dim, packed + g * GROUP, KEY_BLOCK, out_t, dest_stride);
+      else
+        score_group<QUERY_BLOCK, false>(q_t, w + t * heads, heads, head_dim, packed + g * GROUP, KEY_BLOCK, out_t, dest_stride);
+    }
+  for (; t < queries; ++t)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* q_t = q + t * heads * head_dim;
+      float* out_t = dest + t * dest_stride + g * GROUP;
+      if (round)
+        score_group<1, true>(q_t, w + t * heads, heads, head_dim, packed + g * GROUP, KEY_BLOCK, out_t, dest_stride);
+      else
+        score_group<1, false>(q_t, w + t * heads, heads, head_dim, packed + g * GROUP, KEY_BLOCK, out_t, dest_stride);
+    }
+}
+
+// Checks the arguments of index_scores and select_chunk; returns q and w contiguous.
+std::pair<torch::Tensor, torch::Tensor> check_score_inputs(const char* name, torch::Tensor q, const torch::Tensor& k_t,
+                                                           torch::Tensor w) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, name, " expects fp32 q and w");
+  TORCH_CHECK(k_t.dtype() == torch::kFloat32 || k_t.dtype() == torch::kBFloat16, name, " expects fp32 or bf16 k_t");
+  TORCH_CHECK(q.dim() == 4 && k_t.dim() == 3 && w.dim() == 3, name, " expects q [B, Tc, HI, DI], k_t [B, DI, S] and w [B, Tc, HI]");
+  TORCH_CHECK(k_t.stride(2) == 1 || k_t.stride(1) == 1, name, " expects k_t with unit stride along S or DI");
+  TORCH_CHECK(k_t.size(0) == q.size(0) && k_t.size(1) == q.size(3) && w.size(0) == q.size(0) && w.size(1) == q.size(1) &&
+                  w.size(2) == q.size(2),
+              name, " got mismatched shapes");
+  return {q.contiguous(), w.contiguous()};
+}
+
+}  // namespace
+
+// q [B, Tc, HI, DI] fp32, k_t [B, DI, S] fp32 or bf16 (stride 1 along S or along DI), w [B, Tc, HI] fp32
+// already scaled. Returns scores [B, Tc, S] fp32. With bf16 keys the product is a bf16 product's: q must
+// hold bf16 values (the caller rounds it), the sum runs in fp32 and each logit is rounded to bf16 before
+// the ReLU.
+torch::Tensor index_scores(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in) {
+  auto [q, w] = check_score_inputs("index_scores", q_in, k_t, w_in);
+  const bool round = k_t.dtype() == torch::kBFloat16;
+  const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t keys = k_t.size(2);
+  auto out = torch::empty({batch, queries, keys}, q.options());
+  const KeySource src = key_source(k_t);
+  const float* w_ptr = w.data_ptr<float>();
+  float* out_ptr = out.data_ptr<float>();
+  const int64_t blocks = (keys + KEY_BLOCK - 1) / KEY_BLOCK;
+  const std::vector<float> q_packed = pack_all_queries(q.data_ptr<float>(), batch, queries, heads, head_dim);
 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    // Each work item first packs its keys into a contiguous [DI, KEY_BLOCK] buffer, zero-padded past the
-    // last key. Rows of k_t lie S floats apart, so read in place, a power-of-two S would map all DI rows
-    // of a block to the same L1 cache sets.
     std::vector<float> packed(static_cast<size_t>(head_dim * KEY_BLOCK));
     std::vector<float> tail_out(static_cast<size_t>(queries * KEY_BLOCK));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks;
       const int64_t first = (item % blocks) * KEY_BLOCK;
       const int64_t count = std::min(KEY_BLOCK, keys - first);
-      const int64_t groups = (count + GROUP - 1) / GROUP;
-      if (count < KEY_BLOCK) std::fill(packed.begin(), packed.end(), 0.0f);
-      // k_stride: between dims (unit stride along S), or between keys (keys-major).
-      if (keys_major) {
-        if (round) {
-          const at::BFloat16* k_b = k_bf16 + b * k_batch_stride + first * k_stride;
-          for (int64_t i = 0; i < count; ++i)
-            for (int64_t d = 0; d < head_dim; ++d) packed[d * KEY_BLOCK + i] = static_cast<float>(k_b[i * k_stride + d]);
-        } else {
-          pack_keys_major(k_ptr + b * k_batch_stride + first * k_stride, k_stride, count, head_dim, packed.data());
-        }
-      } else if (round) {
-        const at::BFloat16* k_b = k_bf16 + b * k_batch_stride + first;
-        for (int64_t d = 0; d < head_dim; ++d)
-          for (int64_t i = 0; i < count; ++i) packed[d * KEY_BLOCK + i] = static_cast<float>(k_b[d * k_stride + i]);
-      } else {
-        const float* k_b = k_ptr + b * k_batch_stride + first;
-        for (int64_t d = 0; d < head_dim; ++d)
-          std::memcpy(packed.data() + d * KEY_BLOCK, k_b + d * k_stride, count * sizeof(float));
-      }
+      pack_keys(src, b, first, 1, count, packed.data());
       // Scores of a partial block go to a buffer first, so that no store passes the row's end.
       float* dest = count == KEY_BLOCK ? out_ptr + b * queries * keys + first : tail_out.data();
       const int64_t dest_stride = count == KEY_BLOCK ? keys : KEY_BLOCK;
-      const float* q_b = q_packed.data() + b * queries * heads * head_dim;
-      const float* w_b = w_ptr + b * queries * heads;
-      int64_t t = 0;
-      for (; t < full_queries; t += QUERY_BLOCK)
-        for (int64_t g = 0; g < groups; ++g) {
-          const float* q_t = q_b + t * heads * head_dim;
-          float* out_t = dest + t * dest_stride + g * GROUP;
-          if (round)
-            score_group<QUERY_BLOCK, true>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP,
-                                           KEY_BLOCK, out_t, dest_stride);
-          else
-            score_group<QUERY_BLOCK, false>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP,
-                                            KEY_BLOCK, out_t, dest_stride);
-        }
-      for (; t < queries; ++t)
-        for (int64_t g = 0; g < groups; ++g) {
-          const float* q_t = q_b + t * heads * head_dim;
-          float* out_t = dest + t * dest_stride + g * GROUP;
-          if (round)
-            score_group<1, true>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP, KEY_BLOCK,
-                                 out_t, dest_stride);
-          else
-            score_group<1, false>(q_t, w_b + t * heads, heads, head_dim, packed.data() + g * GROUP, KEY_BLOCK,
-                                  out_t, dest_stride);
-        }
+      score_block(q_packed.data() + b * queries * heads * head_dim, w_ptr + b * queries * heads, queries, heads,
+                  head_dim, round, packed.data(), (count + GROUP - 1) / GROUP, dest, dest_stride);
       if (count < KEY_BLOCK)
         for (int64_t t = 0; t < queries; ++t)
           std::memcpy(out_ptr + (b * queries + t) * keys + first, tail_out.data() + t * KEY_BLOCK,
@@ -711,6 +742,156 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
   return out;
 }
 
+// select_chunk: the selection of one chunk of queries without its scores [B, Tc, S']. Each row's bound
+// comes from the scores of every SAMPLE_STRIDE-th key, as in select_row. The full pass then scores one
+// block of keys at a time and keeps, per row, only the visible keys at or above the row's bound, so a
+// chunk holds its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at 64k
+// keys). Row t of the chunk sees keys [0, first + t]. q, k_t and w are as for index_scores.
+// Returns indices [B, Tc, count] in the reference's order and tie rule, or an empty tensor when a row
+// sees fewer than SAMPLED_MIN_SPAN * count keys (the caller then scores the chunk in full).
+torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int64_t first, int64_t count) {
+  auto [q, w] = check_score_inputs("select_chunk", q_in, k_t, w_in);
+  TORCH_CHECK(first >= 0 && count >= 1, "select_chunk expects first >= 0 and count >= 1");
+  const bool round = k_t.dtype() == torch::kBFloat16;
+  const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t span = k_t.size(2);
+  if (std::min(span, first + 1) < SAMPLED_MIN_SPAN * count) return torch::empty({0}, q.options().dtype(torch::kInt64));
+  const KeySource src = key_source(k_t);
+  const float* w_ptr = w.data_ptr<float>();
+  const std::vector<float> q_packed = pack_all_queries(q.data_ptr<float>(), batch, queries, heads, head_dim);
+  const int64_t rows = batch * queries;
+  auto visible = [&](int64_t row) { return std::min(span, first + row % queries + 1); };
+  auto q_of = [&](int64_t b) { return q_packed.data() + b * queries * heads * head_dim; };
+  auto w_of = [&](int64_t b) { return w_ptr + b * queries * heads; };
+
+  // Scores of the sampled keys 0, SAMPLE_STRIDE, 2 * SAMPLE_STRIDE, ...: [rows, samples].
+  const int64_t samples = (span + SAMPLE_STRIDE - 1) / SAMPLE_STRIDE;
+  const int64_t sample_blocks = (samples + KEY_BLOCK - 1) / KEY_BLOCK;
+  std::vector<float> sampled(static_cast<size_t>(rows * samples));
+  at::parallel_for(0, batch * sample_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> packed(static_cast<size_t>(head_dim * KEY_BLOCK));
+    std::vector<float> tile(static_cast<size_t>(queries * KEY_BLOCK));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / sample_blocks, lo = (item % sample_blocks) * KEY_BLOCK;
+      const int64_t n = std::min(KEY_BLOCK, samples - lo);
+      pack_keys(src, b, lo * SAMPLE_STRIDE, SAMPLE_STRIDE, n, packed.data());
+      score_block(q_of(b), w_of(b), queries, heads, head_dim, round, packed.data(), (n + GROUP - 1) / GROUP,
+                  tile.data(), KEY_BLOCK);
+      for (int64_t t = 0; t < queries; ++t)
+        std::memcpy(sampled.data() + (b * queries + t) * samples + lo, tile.data() + t * KEY_BLOCK, n * sizeof(float));
+    }
+  });
+  // Each row's bound: the rank-th largest of its visible samples (select_row's rule).
+  std::vector<float> bound(static_cast<size_t>(rows));
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bucket(static_cast<size_t>(samples));
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t seen = (visible(r) + SAMPLE_STRIDE - 1) / SAMPLE_STRIDE;
+      const int64_t rank = std::min<int64_t>(seen, count * 5 / 4 / SAMPLE_STRIDE + 16);
+      bound[r] = kth_largest(sampled.data() + r * samples, seen, rank, bucket.data());
+    }
+  });
+  std::vector<float>().swap(sampled);
+
+  // Full pass: the keys split into `parts` ranges of blocks, in key order, each appending its candidates
+  // to its own list per row, so that the lists of one row, read part after part, are in key order.
+  const int64_t blocks = (span + KEY_BLOCK - 1) / KEY_BLOCK;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const int64_t blocks_per_part = (blocks + parts - 1) / parts;
+  std::vector<std::vector<int64_t>> cand_idx(static_cast<size_t>(batch * parts * queries));
+  std::vector<std::vector<float>> cand_val(cand_idx.size());
+  at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> packed(static_cast<size_t>(head_dim * KEY_BLOCK));
+    std::vector<float> tile(static_cast<size_t>(queries * KEY_BLOCK));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / parts, part = item % parts;
+      for (int64_t block = part * blocks_per_part; block < std::min(blocks, (part + 1) * blocks_per_part); ++block) {
+        const int64_t lo = block * KEY_BLOCK, n = std::min(KEY_BLOCK, span - lo);
+        pack_keys(src, b, lo, 1, n, packed.data());
+        score_block(q_of(b), w_of(b), queries, heads, head_dim, round, packed.data(), (n + GROUP - 1) / GROUP,
+                    tile.data(), KEY_BLOCK);
+        for (int64_t t = 0; t < queries; ++t) {
+          const int64_t r = b * queries + t, limit = std::min(n, visible(r) - lo);
+          if (limit <= 0) continue;
+          std::vector<int64_t>& idx = cand_idx[item * queries + t];
+          std::vector<float>& val = cand_val[item * queries + t];
+          int64_t m = static_cast<int64_t>(idx.size());
+          idx.resize(m + limit);
+          val.resize(m + limit);
+          const float* row = tile.data() + t * KEY_BLOCK;
+          const float floor = bound[r];
+          // Without a branch, as in select_row: every key is written, the count moves on for candidates.
+          for (int64_t i = 0; i < limit; ++i) {
+            idx[m] = lo + i;
+            val[m] = row[i];
+            m += row[i] >= floor;
+          }
+          idx.resize(m);
+          val.resize(m);
+        }
+      }
+    }
+  });
+
+  auto out = torch::empty({batch, queries, count}, q.options().dtype(torch::kInt64));
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    // Scratch sized by the candidates; span-sized scratch only for a row scored in full.
+    std::vector<int64_t> idx;
+    std::vector<float> val, bucket, packed, full_row;
+    std::unique_ptr<RowScratch> scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / queries, t = r % queries, seen = visible(r);
+      int64_t n = 0;
+      for (int64_t part = 0; part < parts; ++part) n += static_cast<int64_t>(cand_idx[(b * parts + part) * queries + t].size());
+      if (static_cast<int64_t>(idx.size()) < n) {
+        idx.resize(n);
+        val.resize(n);
+        bucket.resize(n);
+      }
+      n = 0;
+      for (int64_t part = 0; part < parts; ++part) {
+        const size_t list = static_cast<size_t>((b * parts + part) * queries + t);
+        std::copy(cand_idx[list].begin(), cand_idx[list].end(), idx.begin() + n);
+        std::copy(cand_val[list].begin(), cand_val[list].end(), val.begin() + n);
+        n += static_cast<int64_t>(cand_idx[list].size());
+      }
+      int64_t* row_out = out_ptr + r * count;
+      if (n < count) {
+        if (!scratch) scratch = std::make_unique<RowScratch>(span);
+        // The bound admitted too few keys: score this row in full and select as select_rows does.
+        packed.resize(static_cast<size_t>(head_dim * KEY_BLOCK));
+        full_row.resize(static_cast<size_t>(blocks * KEY_BLOCK));
+        std::vector<float> q_row(static_cast<size_t>(heads * head_dim));
+        pack_queries(q.data_ptr<float>() + r * heads * head_dim, 1, heads, head_dim, q_row.data());
+        for (int64_t block = 0; block < blocks; ++block) {
+          const int64_t lo = block * KEY_BLOCK, n_keys = std::min(KEY_BLOCK, span - lo);
+          pack_keys(src, b, lo, 1, n_keys, packed.data());
+          score_block(q_row.data(), w_ptr + r * heads, 1, heads, head_dim, round, packed.data(),
+                      (n_keys + GROUP - 1) / GROUP, full_row.data() + lo, KEY_BLOCK);
+        }
+        select_row(full_row.data(), seen, count, row_out, *scratch);
+        continue;
+      }
+      // The count-th largest candidate, then every candidate above it and the lowest-index equal ones.
+      const float* vals = val.data();
+      const float kth = kth_largest(vals, n, count, bucket.data());
+      int64_t above = 0;
+      for (int64_t j = 0; j < n; ++j) above += vals[j] > kth;
+      int64_t equal_left = count - above;
+      int64_t written = 0;
+      for (int64_t j = 0; j < n && written < count; ++j) {
+        const float value = vals[j];
+        if (value > kth || (value == kth && equal_left > 0)) {
+          if (value == kth) --equal_left;
+          row_out[written++] = idx[j];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 namespace {
 
 using hvec = uint16_t __attribute__((vector_size(32)));  // 16 bf16 values
@@ -846,6 +1027,7 @@ torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int6
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("index_scores", &index_scores, "Fused lightning indexer scores (fp32, CPU)");
   m.def("select_rows", &select_rows, "Top-k keys of each score row, ascending, with the tie rule (CPU)");
+  m.def("select_chunk", &select_chunk, "Top-k keys of a chunk of queries without its full scores (CPU)");
   m.def("select_few", &select_few, "Top-k keys for a few queries from keys-major indexer keys (CPU)");
   m.def("sparse_attention", &sparse_attention, "Sparse attention forward over index rows (fp32, CPU)");
 }

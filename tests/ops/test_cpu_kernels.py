@@ -21,7 +21,7 @@ from dsa.ops.sparse_attention import sparse_attention_reference, sparse_attentio
 from dsa.ops.sparse_attention.cpu import sparse_attention_cpu, sparse_attention_cpu_applies
 from dsa.ops.topk import select_topk_reference, select_topk_torch
 import dsa.ops.topk.torch as topk_module
-from dsa.ops.topk.cpu import select_few_cpu, select_few_cpu_applies, select_rows_cpu
+from dsa.ops.topk.cpu import select_chunk_cpu, select_few_cpu, select_few_cpu_applies, select_rows_cpu
 from dsa.ops.topk.torch import SAMPLE_STRIDE, _ascending_indices, _choose
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_enabled(), reason="DSA_CPU_KERNELS=0 turns the CPU kernels off")
@@ -118,6 +118,69 @@ def test_selection_with_the_kernel_equals_reference(top_k):
     with torch.no_grad():
         actual = select_topk_torch(q, k, w, top_k, chunk_size=32)
     assert torch.equal(actual, select_topk_reference(q, k, w, top_k))
+
+
+def _chunk_expected(q, k_t, w, first, count):
+    """The rule over the chunk's full kernel scores, the invisible keys (past first + t) at -inf."""
+    scores = index_scores_chunk_cpu(q, k_t, w)
+    span = scores.shape[-1]
+    position = first + torch.arange(q.shape[1]).view(1, -1, 1)
+    scores = scores.masked_fill(torch.arange(span).view(1, 1, -1) > position, float("-inf"))
+    return _rule(scores, count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["cache", "contiguous"])
+def test_select_chunk_equals_full_scores(dtype, layout):
+    """A chunk's selection from candidates equals the rule over its full scores: batch of two, a span that
+    ends past the last query, key blocks and samples that end mid-block."""
+    count, first, queries = 64, 1000, 21
+    q, k, w = _indexer_inputs(2, queries, 1333, 4, 32, seed=8)
+    k = k.to(dtype)
+    q = q.to(dtype).float()
+    k_t = k.transpose(1, 2) if layout == "cache" else k.transpose(1, 2).contiguous()
+    actual = select_chunk_cpu(q, k_t, w, first, count)
+    assert actual is not None
+    assert torch.equal(actual, _chunk_expected(q, k_t, w, first, count))
+
+
+def test_select_chunk_ties_and_too_few_candidates():
+    """Tied scores follow the lowest-index rule; a row whose sample bound admits fewer than count keys
+    is scored in full."""
+    count, first = 32, 600
+    q, k, w = _indexer_inputs(1, 6, 700, 4, 16, seed=4)
+    k = torch.randint(-2, 3, k.shape).float()  # few distinct scores: ties at every boundary
+    q = torch.randint(-2, 3, q.shape).float()
+    w = w.abs()
+    ties = select_chunk_cpu(q, k.transpose(1, 2), w, first, count)
+    assert torch.equal(ties, _chunk_expected(q, k.transpose(1, 2), w, first, count))
+    # Large keys at the sampled positions only: the bound sits among them, and fewer than count keys reach it.
+    q, k, w = _indexer_inputs(1, 6, 700, 4, 16, seed=5)
+    q, w = q.abs(), w.abs()
+    k = k.abs() * 0.01
+    k[:, ::SAMPLE_STRIDE] *= 1000
+    few = select_chunk_cpu(q, k.transpose(1, 2), w, first, count)
+    assert torch.equal(few, _chunk_expected(q, k.transpose(1, 2), w, first, count))
+
+
+def test_select_chunk_declines_short_rows():
+    q, k, w = _indexer_inputs(1, 8, 400, 4, 32)
+    # Row 0 sees first + 1 = 191 keys, fewer than 3 * 64.
+    assert select_chunk_cpu(q, k.transpose(1, 2), w, 190, 64) is None
+    assert select_chunk_cpu(q, k.transpose(1, 2), w, 191, 64) is not None
+
+
+def test_selection_takes_select_chunk_for_long_rows(monkeypatch):
+    calls = []
+    original = topk_module.select_chunk_cpu
+    monkeypatch.setattr(topk_module, "select_chunk_cpu", lambda *a: calls.append(a[3]) or original(*a))
+    q, k, w = _indexer_inputs(2, 120, 120, 4, 32, seed=9)
+    with torch.no_grad():
+        actual = select_topk_torch(q, k, w, 16, chunk_size=32)
+    assert torch.equal(actual, select_topk_reference(q, k, w, 16))
+    # Chunks start at 0, 32, 64 and 96; the first one's row 0 sees one key, so only it declines.
+    assert calls == [0, 32, 64, 96]
+    assert topk_module.select_chunk_cpu is not original
 
 
 def _rule(scores, count):

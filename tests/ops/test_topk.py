@@ -250,6 +250,7 @@ def _pytorch_rule_only(monkeypatch):
     kernel (tested in test_cpu_kernels.py) otherwise replaces."""
     monkeypatch.setattr(topk_torch_module, "select_rows_cpu_applies", lambda scores: False)
     monkeypatch.setattr(topk_torch_module, "select_few_cpu_applies", lambda q_idx, k_idx: False)
+    monkeypatch.setattr(topk_torch_module, "select_chunk_cpu", lambda *args: None)
 
 
 def _spy_sampled(monkeypatch, name="_sampled_topk"):

@@ -1,5 +1,5 @@
-"""Top-k selection with the reference's tie rule on the CPU (the C++ kernels `select_rows` and `select_few`
-of dsa/ops/_cpu.cpp).
+"""Top-k selection with the reference's tie rule on the CPU (the C++ kernels `select_rows`, `select_chunk`
+and `select_few` of dsa/ops/_cpu.cpp).
 
 For each row of scores `select_rows` samples every 16th score, takes a bound that about 1.25 * count
 keys reach, finds the count-th largest among the keys at or above the bound, and lists the selected
@@ -7,6 +7,10 @@ keys in key order. That is the rule and sample of `_sampled_select` in `dsa.ops.
 its [Tc, S] temporaries, for rows of at least 3 * count keys (8 * count there). Rows where the bound
 admits fewer than count or more than half of the keys use every key as a candidate, so the result
 never depends on the sample.
+
+`select_chunk` is a chunk's whole selection without its [B, Tc, S'] scores: the sample's scores give
+each row its bound, then the keys are scored one block at a time and only the candidates at or above the
+bound are kept.
 
 `select_few` is a decode step's whole selection: index scores from the keys-major indexer key cache,
 then the same row selection, in one call.
@@ -65,3 +69,21 @@ def select_few_cpu(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tens
     scale = heads**-0.5 * head_dim**-0.5
     q = q_idx.detach().to(k_idx.dtype).float()
     return kernels.select_few(q, k_idx.detach(), weights.detach().float() * scale, int(first), int(count))
+
+
+def select_chunk_cpu(
+    q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first: int, count: int
+) -> torch.Tensor | None:
+    """Return indices [B, Tc, count] (int64, ascending) of the `count` largest index scores of each query,
+    ties to the lowest index, where query t may attend keys 0 .. first + t of k_idx_t [B, DI, S'] (the
+    scores of `index_scores_chunk_cpu`, which sets the keys' layouts and dtypes). Returns None when a
+    query sees fewer than 3 * count keys: the caller then computes the chunk's scores. Callers check
+    `dsa.ops.indexer.cpu.cpu_kernel_applies` first.
+    """
+    kernels = cpu_kernels()
+    assert kernels is not None, "call cpu_kernel_applies() before select_chunk_cpu()"
+    heads, head_dim = q_idx.shape[2], q_idx.shape[3]
+    scale = heads**-0.5 * head_dim**-0.5
+    q = q_idx.detach().to(k_idx_t.dtype).float()
+    out = kernels.select_chunk(q, k_idx_t.detach(), weights.detach().float() * scale, int(first), int(count))
+    return out if out.numel() else None

@@ -14,9 +14,16 @@ from typing import Callable
 import torch
 
 from dsa.ops._checks import check_indexer_inputs, check_score_dtype, resolve_mask_args
+from dsa.ops.indexer.cpu import cpu_kernel_applies
 from dsa.ops.indexer.torch import FEW_QUERY_HEADS, index_scores_chunk, kernel_layout
 from dsa.ops.masks import forced_keys, visible_keys
-from dsa.ops.topk.cpu import select_few_cpu, select_few_cpu_applies, select_rows_cpu, select_rows_cpu_applies
+from dsa.ops.topk.cpu import (
+    select_chunk_cpu,
+    select_few_cpu,
+    select_few_cpu_applies,
+    select_rows_cpu,
+    select_rows_cpu_applies,
+)
 from dsa.ops.topk.naive import check_selection_args
 
 ScoresFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -68,6 +75,11 @@ def select_topk_torch(
         # The fused CPU kernel reads this view in place; keys of other strides are copied once for all chunks.
         k_idx_t = kernel_layout(k_idx_t, min(chunk_size, queries), q_idx.shape[2])
     out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
+    # Chunks of many queries whose scores the fused CPU kernel would compute (see index_scores_chunk).
+    chunk_kernel = (
+        plain and scores_fn is _torch_scores and min(chunk_size, queries) * q_idx.shape[2] > FEW_QUERY_HEADS
+        and cpu_kernel_applies(q_idx, k_idx_t)
+    )
     for start in range(0, queries, chunk_size):
         stop = min(start + chunk_size, queries)
         first = q_start + start
@@ -80,6 +92,12 @@ def select_topk_torch(
             # Every visible key fits: the selection is the causal prefix, no scores needed.
             out[:, start:stop] = _ascending_indices(visible_keys(q_positions, span, None, batch), width)
             continue
+        if chunk_kernel and padding is None and rows_mask is None:
+            # Long rows without masks: the kernel keeps each row's candidates, not the chunk's scores.
+            indices = select_chunk_cpu(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], first, width)
+            if indices is not None:
+                out[:, start:stop] = indices
+                continue
         scores = scores_fn(q_idx[:, start:stop].to(score_dtype), k_idx_t[:, :, :span], weights[:, start:stop], first)
         if plain:
             _hide_invisible(scores, first, padding, rows_mask)
