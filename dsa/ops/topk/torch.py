@@ -89,8 +89,10 @@ def select_topk_torch(
         padding = _crop(key_padding_mask, span)
         q_positions = torch.arange(first, span, device=q_idx.device)
         if span <= width and key_padding_mask is None and attention_mask is None:
-            # Every visible key fits: the selection is the causal prefix, no scores needed.
-            out[:, start:stop] = _ascending_indices(visible_keys(q_positions, span, None, batch), width)
+            # Every visible key fits: the selection is the causal prefix, no scores needed. Built from two
+            # aranges, without [B, Tc, S'] masks whose size changes with every chunk.
+            slots = torch.arange(width, device=q_idx.device)
+            out[:, start:stop] = torch.where(slots > q_positions.unsqueeze(-1), -1, slots)
             continue
         if chunk_kernel and padding is None and rows_mask is None:
             # Long rows without masks: the kernel keeps each row's candidates, not the chunk's scores.
