@@ -13,7 +13,8 @@ context length S it measures, in one process and one run:
   work. The cache is a StaticCache by default (`--cache`), written in place as serving engines do;
   transformers' DynamicCache copies every layer's keys and values at each step;
 - prefill (`--prefill_tokens`, shorter lengths): seconds for a forward pass over T tokens, dense vs DSA
-  in sparse mode.
+  in sparse mode, and the peak growth of the resident set (MiB) during one more, untimed pass of each,
+  measured after all timed calls as bench_ops.py measures operators.
 
 Before timing, a correctness check runs: with top_k at least the context length, DSA's logits must
 equal the dense model's; at each timed length, every DSA decode step must have attended exactly
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import statistics
 import sys
@@ -46,7 +48,14 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dsa  # noqa: E402
-from bench_ops import collect_machine_info, format_machine_info  # noqa: E402
+from bench_ops import (  # noqa: E402
+    collect_machine_info,
+    current_rss_bytes,
+    format_machine_info,
+    peak_rss_bytes,
+    reset_peak_rss,
+    strict_allocator,
+)
 
 # Llama-architecture widths: hidden, intermediate, heads, kv heads, head dim, vocabulary.
 WIDTHS: dict[str, dict[str, int]] = {
@@ -140,6 +149,19 @@ def time_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
+@torch.no_grad()
+def prefill_peak_mib(model: torch.nn.Module, ids: torch.Tensor) -> float | None:
+    """Return the growth of the resident set (MiB) during one untimed prefill: the high-water mark at its
+    end minus the RSS before it, as bench_ops.py measures operators. Callers run strict_allocator() first,
+    after every timed call. None where the kernel cannot reset the high-water mark."""
+    gc.collect()
+    if not reset_peak_rss():
+        return None
+    baseline = current_rss_bytes()
+    model(ids, logits_to_keep=1)
+    return (peak_rss_bytes() - baseline) / 2**20
+
+
 def write_plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -176,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=sorted(WIDTHS), default="smollm2-135m", help="layer widths (default smollm2-135m)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random model (count, default 4; SmolLM2-135M has 30, Qwen3-4B 36)")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="context lengths S for decoding (tokens, default 8192 16384 32768)")
-    parser.add_argument("--prefill_tokens", type=int, nargs="*", default=list(PREFILL_TOKENS), help="prompt lengths T for the prefill timing (tokens, default 4096 8192; none to skip)")
+    parser.add_argument("--prefill_tokens", type=int, nargs="*", default=list(PREFILL_TOKENS), help="prompt lengths T for the prefill time and peak memory (tokens, default 4096 8192; none to skip)")
     parser.add_argument("--steps", type=int, default=16, help="tokens generated per context; the table shows the median step (count, default 16)")
     parser.add_argument(
         "--cache", choices=("static", "dynamic"), default="static",
@@ -248,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             row = {"tokens": tokens, "dense_s": time_prefill(dense, ids), "dsa_s": time_prefill(sparse, ids)}
             row["dense_over_dsa"] = row["dense_s"] / row["dsa_s"]
             results["prefill"].append(row)
+        if results["prefill"]:
+            # Memory last: glibc returning each freed large block at once (strict_allocator) slows timed calls.
+            strict_allocator()
+            generator = torch.Generator().manual_seed(args.seed + 1)
+            for row in results["prefill"]:
+                ids = torch.randint(0, vocab, (1, row["tokens"]), generator=generator)
+                row["dense_peak_mib"] = prefill_peak_mib(dense, ids)
+                row["dsa_peak_mib"] = prefill_peak_mib(sparse, ids)
     except CheckFailed as error:
         print(f"error: correctness check failed, nothing more is timed: {error}", file=sys.stderr)
         return 1
@@ -259,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{1e3 / row['dense_ms_per_token']:>13.1f}{1e3 / row['dsa_ms_per_token']:>11.1f}"
         )
     if results["prefill"]:
-        print(f"\n{'T':>8}{'dense prefill s':>17}{'DSA prefill s':>15}{'dense/DSA':>11}")
+        print(f"\n{'T':>8}{'dense prefill s':>17}{'DSA prefill s':>15}{'dense/DSA':>11}{'dense MiB':>11}{'DSA MiB':>9}")
         for row in results["prefill"]:
-            print(f"{row['tokens']:>8}{row['dense_s']:>17.2f}{row['dsa_s']:>15.2f}{row['dense_over_dsa']:>11.2f}")
+            memory = "".join(
+                f"{value:>{width}.1f}" if value is not None else f"{'n/a':>{width}}"
+                for value, width in ((row["dense_peak_mib"], 11), (row["dsa_peak_mib"], 9))
+            )
+            print(f"{row['tokens']:>8}{row['dense_s']:>17.2f}{row['dsa_s']:>15.2f}{row['dense_over_dsa']:>11.2f}{memory}")
     results["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -29,7 +29,8 @@ done
 
 # A converted model: ms per generated token after 8k to 32k tokens of context, and prefill. Then the
 # same decode at SmolLM2-135M's full depth of 30 layers (no prefill timing).
-"$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 4 --output "$OUT/model-smollm2-135m.json"
+"$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 4 --prefill_tokens 4096 8192 16384 \
+    --output "$OUT/model-smollm2-135m.json"
 # The shipped adapter's indexer (4 heads of 32 dims) instead of the default sizing rule's 4 x 64.
 "$PYTHON" benchmarks/bench_model.py --shape smollm2-135m --layers 4 --dsa_preset smollm2-135m --contexts 32768 \
     --prefill_tokens --output "$OUT/model-smollm2-135m-preset.json"

@@ -18,7 +18,10 @@ def test_model_benchmark_writes_results_and_plot(tmp_path):
     (decode,) = results["decode"]
     assert decode["context"] == 200
     assert len(decode["dsa_step_ms"]) == 2
-    assert results["prefill"][0]["tokens"] == 96
+    (prefill,) = results["prefill"]
+    assert prefill["tokens"] == 96
+    assert prefill["dense_peak_mib"] is None or prefill["dense_peak_mib"] > 0
+    assert prefill["dsa_peak_mib"] is None or prefill["dsa_peak_mib"] > 0
     assert output.with_suffix(".png").exists()
     # The preset sizes the indexer (4 heads of 32 dims) and --top_k overrides its top_k of 256.
     config = results["settings"]["dsa_config"]
