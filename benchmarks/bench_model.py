@@ -152,9 +152,12 @@ def time_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
 @torch.no_grad()
 def prefill_peak_mib(model: torch.nn.Module, ids: torch.Tensor) -> float | None:
     """Return the growth of the resident set (MiB) during one untimed prefill: the high-water mark at its
-    end minus the RSS before it, as bench_ops.py measures operators. Callers run strict_allocator() first,
-    after every timed call. None where the kernel cannot reset the high-water mark."""
+    end minus the RSS before it, as bench_ops.py measures operators. Run it after every timed call: it
+    sets glibc to return freed blocks of 64 KiB or more at once, and trims the heap first, so that
+    memory an earlier call freed but glibc kept does not hide this call's. None where the kernel
+    cannot reset the high-water mark."""
     gc.collect()
+    strict_allocator()
     if not reset_peak_rss():
         return None
     baseline = current_rss_bytes()
@@ -272,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
             results["prefill"].append(row)
         if results["prefill"]:
             # Memory last: glibc returning each freed large block at once (strict_allocator) slows timed calls.
-            strict_allocator()
             generator = torch.Generator().manual_seed(args.seed + 1)
             for row in results["prefill"]:
                 ids = torch.randint(0, vocab, (1, row["tokens"]), generator=generator)
