@@ -9,11 +9,15 @@
 // Each work item packs a block of KEY_BLOCK keys as [DI, KEY_BLOCK], so that one vector contains one
 // dimension of consecutive keys, and keeps it in L1 while every query of the chunk reads it. The keys
 // arrive as k_t [B, DI, S], either with unit stride along S or as the transposed view of the cache's
-// own [B, S, DI] (unit stride along DI), which the packing transposes: no copy of all S keys is needed. Written with GCC vector extensions, so the compiler picks the instructions the machine has
+// own [B, S, DI] (unit stride along DI). The packing transposes the latter, so no copy of all S keys
+// is needed. Written with GCC vector extensions, so the compiler picks the instructions the machine has
 // (AVX-512 or AVX2); the Python loader compiles it with -march=native.
 //
 // select_rows: each row's top-k keys under the reference's tie rule, found among the keys at or above a
 // bound taken from a sample of the row (see the comment above that function).
+//
+// select_chunk: a prefill chunk's selection that keeps each row's candidates instead of the chunk's
+// scores (see the comment above that function).
 //
 // select_few: a decode step's selection in one call, scoring the indexer key cache in its own [B, S, DI]
 // layout, one key row against every (query, head) pair, then selecting each row as select_rows does.
@@ -166,8 +170,8 @@ inline void pack_queries(const float* q, int64_t qb, int64_t heads, int64_t head
 
 namespace {
 
-// Where the keys k_t [B, DI, S] of index_scores and select_chunk lie: fp32 or bf16 (then f32 is null),
-// with unit stride along S or along DI (the transposed view of a keys-major cache).
+// Location and strides of the keys k_t [B, DI, S] of index_scores and select_chunk: fp32 or bf16 (then
+// f32 is null), with unit stride along S or along DI (the transposed view of a keys-major cache).
 struct KeySource {
   const float* f32;
   const at::BFloat16* bf16;
@@ -182,7 +186,7 @@ KeySource key_source(const torch::Tensor& k_t) {
 
 // Packs count <= KEY_BLOCK keys of batch b, key i at position start + i * step, as [DI][KEY_BLOCK] at
 // packed, zero past count. Rows of a [DI, S] layout lie S floats apart, so read in place, a
-// power-of-two S would map all DI rows of a block to the same L1 cache sets; keys-major rows are
+// power-of-two S would map all DI rows of a block to the same L1 cache sets. Keys-major rows are
 // transposed in 16 x 16 tiles.
 void pack_keys(const KeySource& src, int64_t b, int64_t start, int64_t step, int64_t count, float* packed) {
   const int64_t head_dim = src.head_dim;
@@ -744,9 +748,9 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
 
 // select_chunk: the selection of one chunk of queries without its scores [B, Tc, S']. Each row's bound
 // comes from the scores of every SAMPLE_STRIDE-th key, as in select_row. The full pass then scores one
-// block of keys at a time and keeps, per row, only the visible keys at or above the row's bound, so a
-// chunk holds its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at 64k
-// keys). Row t of the chunk sees keys [0, first + t]. q, k_t and w are as for index_scores.
+// block of keys at a time and keeps, per row, only the visible keys at or above the row's bound. A
+// chunk thus holds its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at
+// 64k keys). Row t of the chunk sees keys [0, first + t]. q, k_t and w are as for index_scores.
 // Returns indices [B, Tc, count] in the reference's order and tie rule, or an empty tensor when a row
 // sees fewer than SAMPLED_MIN_SPAN * count keys (the caller then scores the chunk in full).
 torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int64_t first, int64_t count) {
