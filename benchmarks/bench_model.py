@@ -74,7 +74,7 @@ def build_models(
     shape: str, layers: int, top_k: int, max_tokens: int, seed: int, score_dtype: str = "float32",
     preset: str | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Return (dense, dsa) copies of one random model; the DSA copy is converted in sparse mode, its
+    """Return (dense, dsa) copies of one random model. The DSA copy is converted in sparse mode, with its
     indexer sized by `dsa.default_config` or by the DSA preset `preset`."""
     config = LlamaConfig(
         **WIDTHS[shape], num_hidden_layers=layers, max_position_embeddings=max_tokens + 64,

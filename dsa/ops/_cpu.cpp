@@ -678,6 +678,27 @@ float kth_largest(const float* values, int64_t n, int64_t k, float* bucket) {
   return bucket[need - 1];
 }
 
+// Writes the `count` selected keys among n candidates (keys cand_idx in ascending order, scores cand_val)
+// to out: every candidate above the count-th largest score, then the lowest-index ones equal to it,
+// then -1 in the slots left. -inf scores are never selected. bucket is scratch of n floats.
+void select_candidates(const int64_t* cand_idx, const float* cand_val, int64_t n, int64_t count, float* bucket,
+                       int64_t* out) {
+  const int64_t k = std::min(count, n);
+  const float kth = kth_largest(cand_val, n, k, bucket);
+  int64_t above = 0;
+  for (int64_t j = 0; j < n; ++j) above += cand_val[j] > kth;
+  int64_t equal_left = kth > -INFINITY ? k - above : 0;
+  int64_t written = 0;
+  for (int64_t j = 0; j < n && written < count; ++j) {
+    const float value = cand_val[j];
+    if (value > kth || (value == kth && equal_left > 0)) {
+      if (value == kth) --equal_left;
+      out[written++] = cand_idx[j];
+    }
+  }
+  for (; written < count; ++written) out[written] = -1;
+}
+
 // Writes row's `count` selected keys to out in ascending order, -1 after the last, following the
 // reference's rule: every score above the count-th largest, then the lowest-index keys equal to it.
 // Invisible keys are -inf and never selected. scratch has room for at least span entries.
@@ -710,21 +731,7 @@ void select_row(const float* row, int64_t span, int64_t count, int64_t* out, Row
     std::memcpy(cand_val, row, span * sizeof(float));
     n = span;
   }
-  // The count-th largest candidate (cand_val keeps key order).
-  const int64_t k = std::min(count, n);
-  const float kth = kth_largest(cand_val, n, k, scratch.bucket.data());
-  int64_t above = 0;
-  for (int64_t j = 0; j < n; ++j) above += cand_val[j] > kth;
-  int64_t equal_left = kth > -INFINITY ? k - above : 0;
-  int64_t written = 0;
-  for (int64_t j = 0; j < n && written < count; ++j) {
-    const float value = cand_val[j];
-    if (value > kth || (value == kth && equal_left > 0)) {
-      if (value == kth) --equal_left;
-      out[written++] = cand_idx[j];
-    }
-  }
-  for (; written < count; ++written) out[written] = -1;
+  select_candidates(cand_idx, cand_val, n, count, scratch.bucket.data(), out);
 }
 
 }  // namespace
@@ -749,8 +756,8 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
 // select_chunk: the selection of one chunk of queries without its scores [B, Tc, S']. Each row's bound
 // comes from the scores of every SAMPLE_STRIDE-th key, as in select_row. The full pass then scores one
 // block of keys at a time and keeps, per row, only the visible keys at or above the row's bound. A
-// chunk thus holds its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at
-// 64k keys). Row t of the chunk sees keys [0, first + t]. q, k_t and w are as for index_scores.
+// chunk thus keeps its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at
+// 64k keys). Row t of the chunk may attend keys [0, first + t]. q, k_t and w are as for index_scores.
 // Returns indices [B, Tc, count] in the reference's order and tie rule, or an empty tensor when a row
 // sees fewer than SAMPLED_MIN_SPAN * count keys (the caller then scores the chunk in full).
 torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int64_t first, int64_t count) {
@@ -877,20 +884,7 @@ torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor 
         select_row(full_row.data(), seen, count, row_out, *scratch);
         continue;
       }
-      // The count-th largest candidate, then every candidate above it and the lowest-index equal ones.
-      const float* vals = val.data();
-      const float kth = kth_largest(vals, n, count, bucket.data());
-      int64_t above = 0;
-      for (int64_t j = 0; j < n; ++j) above += vals[j] > kth;
-      int64_t equal_left = count - above;
-      int64_t written = 0;
-      for (int64_t j = 0; j < n && written < count; ++j) {
-        const float value = vals[j];
-        if (value > kth || (value == kth && equal_left > 0)) {
-          if (value == kth) --equal_left;
-          row_out[written++] = idx[j];
-        }
-      }
+      select_candidates(idx.data(), val.data(), n, count, bucket.data(), row_out);
     }
   });
   return out;

@@ -319,8 +319,8 @@ def test_attention_function_honours_every_mask_form(form):
 
 
 def test_unpadded_prefill_gets_no_materialised_mask():
-    """Without padding, transformers' mask function leaves the causal mask out (a [T, S] mask costs T * S
-    bytes); with left padding the attention function receives it."""
+    """Without padding, transformers' mask function leaves the causal mask out, which would cost T * S
+    bytes. With left padding the attention function receives it."""
     from transformers import AttentionInterface
 
     from dsa.integrations.hf.attention import ATTENTION_NAME, register
@@ -348,7 +348,7 @@ def test_unpadded_prefill_gets_no_materialised_mask():
 
 
 def test_decode_mask_memo_sees_changed_masks():
-    """The attention function checks a decode mask once and reuses the answer for the same tensor; a mask
+    """The attention function checks a decode mask once and reuses the result for the same tensor. A mask
     changed in place, or a new mask that hides keys, must still hide them."""
     _, model = _pair(top_k=3)
     module = model.model.layers[0].self_attn

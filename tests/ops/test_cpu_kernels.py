@@ -165,7 +165,7 @@ def test_select_chunk_ties_and_too_few_candidates():
 
 def test_select_chunk_declines_short_rows():
     q, k, w = _indexer_inputs(1, 8, 400, 4, 32)
-    # Row 0 sees first + 1 = 191 keys, fewer than 3 * 64.
+    # Row 0 may attend first + 1 = 191 keys, fewer than 3 * 64.
     assert select_chunk_cpu(q, k.transpose(1, 2), w, 190, 64) is None
     assert select_chunk_cpu(q, k.transpose(1, 2), w, 191, 64) is not None
 
@@ -178,7 +178,7 @@ def test_selection_takes_select_chunk_for_long_rows(monkeypatch):
     with torch.no_grad():
         actual = select_topk_torch(q, k, w, 16, chunk_size=32)
     assert torch.equal(actual, select_topk_reference(q, k, w, 16))
-    # Chunks start at 0, 32, 64 and 96; the first one's row 0 sees one key, so only it declines.
+    # Chunks start at 0, 32, 64 and 96. Row 0 of the first one may attend one key, so only that chunk declines.
     assert calls == [0, 32, 64, 96]
     assert topk_module.select_chunk_cpu is not original
 

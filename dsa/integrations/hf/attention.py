@@ -36,8 +36,8 @@ def dsa_mask(*args, **kwargs):
     """SDPA's boolean mask ([B, 1, T, S], True = attend), or None where SDPA's mask function leaves it
     out: no padding, and one query, or as many queries as keys, or an empty static cache.
 
-    The attention function reads None as causal attention whose last query sees the last filled key,
-    which is what each of those cases means. A materialised causal mask of a 16k-token prefill takes
+    The attention function reads None as causal attention whose last query attends up to the last
+    filled key, which is what each of those cases means. A materialised causal mask of a 16k-token prefill takes
     256 MiB (T * S bytes), which dense SDPA never allocates, and each block of the fused prefill would
     apply it.
     """

@@ -77,8 +77,8 @@ def select_chunk_cpu(
     """Return indices [B, Tc, count] (int64, ascending) of the `count` largest index scores of each query,
     ties to the lowest index, where query t may attend keys 0 .. first + t of k_idx_t [B, DI, S'] (the
     scores of `index_scores_chunk_cpu`, which sets the keys' layouts and dtypes). Returns None when a
-    query sees fewer than 3 * count keys: the caller then computes the chunk's scores. Callers check
-    `dsa.ops.indexer.cpu.cpu_kernel_applies` first.
+    query may attend fewer than 3 * count keys, and the caller then computes the chunk's scores.
+    Callers check `dsa.ops.indexer.cpu.cpu_kernel_applies` first.
     """
     kernels = cpu_kernels()
     assert kernels is not None, "call cpu_kernel_applies() before select_chunk_cpu()"
