@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import io
 import logging
 
 import pytest
@@ -316,6 +317,19 @@ def test_attention_function_honours_every_mask_form(form):
     hidden_first[..., 0, 0] = True
     masked, _ = dsa_attention_forward(module, query, key, value, hidden_first, scaling=0.25)
     assert not torch.allclose(masked[:, 1:4], outputs["bool4d"][:, 1:4])
+
+
+def test_model_pickles_after_static_decode():
+    """A static cache passes a decode mask, which the runtime remembers by weak reference; saving the whole
+    model afterwards must still work."""
+    _, model = _pair()
+    model.generate(random_ids(1, 12), max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert model.dsa_runtime.visible_mask_memo is not None
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert restored.dsa_runtime.visible_mask_memo is None
 
 
 def test_unpadded_prefill_gets_no_materialised_mask():

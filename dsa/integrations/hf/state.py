@@ -34,6 +34,13 @@ class DSARuntime:
     # version, the keys checked). Every layer of one forward receives the same mask, so one check serves all.
     visible_mask_memo: tuple[Callable[[], object], int, int] | None = field(default=None, repr=False)
 
+    def __getstate__(self) -> dict[str, object]:
+        """Return the fields to pickle or deep-copy, without the decode mask memo: a weak reference cannot be
+        pickled (torch.save of a whole model), and a copy never receives the original's masks."""
+        state = dict(self.__dict__)
+        state["visible_mask_memo"] = None
+        return state
+
 
 @dataclass
 class LayerState:
