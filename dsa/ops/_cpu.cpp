@@ -759,7 +759,7 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
 // chunk thus keeps its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at
 // 64k keys). Row t of the chunk may attend keys [0, first + t]. q, k_t and w are as for index_scores.
 // Returns indices [B, Tc, count] in the reference's order and tie rule, or an empty tensor when a row
-// sees fewer than SAMPLED_MIN_SPAN * count keys (the caller then scores the chunk in full).
+// may attend fewer than SAMPLED_MIN_SPAN * count keys (the caller then scores the chunk in full).
 torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int64_t first, int64_t count) {
   auto [q, w] = check_score_inputs("select_chunk", q_in, k_t, w_in);
   TORCH_CHECK(first >= 0 && count >= 1, "select_chunk expects first >= 0 and count >= 1");
