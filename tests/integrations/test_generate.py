@@ -290,15 +290,22 @@ def test_cache_filled_before_convert_rejected():
             original(ids[:, :1], cache=cache, use_cache=True)
 
 
+def _attention_inputs(queries, keys, seed):
+    """Return random hidden [1, T, 64], query [1, 4, T, 16], key and value [1, 2, S, 16] for the tiny
+    model's first layer, and the generator for further draws."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, queries, 64, generator=generator)
+    query = torch.randn(1, 4, queries, 16, generator=generator)
+    key = torch.randn(1, 2, keys, 16, generator=generator)
+    value = torch.randn(1, 2, keys, 16, generator=generator)
+    return hidden, query, key, value, generator
+
+
 @pytest.mark.parametrize("form", ["bool4d", "float4d", "none"])
 def test_attention_function_honours_every_mask_form(form):
     _, model = _pair(top_k=3)
     module = model.model.layers[0].self_attn
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, 9, 64, generator=generator)
-    query = torch.randn(1, 4, 9, 16, generator=generator)
-    key = torch.randn(1, 2, 9, 16, generator=generator)
-    value = torch.randn(1, 2, 9, 16, generator=generator)
+    hidden, query, key, value, _ = _attention_inputs(queries=9, keys=9, seed=0)
     causal = torch.ones(9, 9, dtype=torch.bool).tril().view(1, 1, 9, 9)
     masks = {
         "bool4d": causal,
@@ -366,11 +373,7 @@ def test_decode_mask_memo_sees_changed_masks():
     changed in place, or a new mask that hides keys, must still hide them."""
     _, model = _pair(top_k=3)
     module = model.model.layers[0].self_attn
-    generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(1, 1, 64, generator=generator)
-    query = torch.randn(1, 4, 1, 16, generator=generator)
-    key = torch.randn(1, 2, 12, 16, generator=generator)
-    value = torch.randn(1, 2, 12, 16, generator=generator)
+    hidden, query, key, value, generator = _attention_inputs(queries=1, keys=12, seed=1)
     keys = torch.randn(1, 12, 16, generator=generator)
     weights = torch.randn(1, 1, 2, generator=generator)
 
