@@ -736,19 +736,43 @@ void select_row(const float* row, int64_t span, int64_t count, int64_t* out, Row
 
 }  // namespace
 
-// scores [R, S'] fp32 (unit stride along S'), invisible keys -inf; returns indices [R, count] int64,
-// ascending, -1 after a row's last visible key. count <= S'.
-torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
+namespace {
+
+// Rows of an int64 index tensor that a selection kernel writes: [R, count] or [B, Tc, count] with
+// B * Tc = R, unit stride along count and any row strides, such as a slice of a larger buffer.
+struct RowOut {
+  int64_t* ptr;
+  int64_t inner, outer_stride, inner_stride;
+  int64_t* row(int64_t r) const { return ptr + (r / inner) * outer_stride + (r % inner) * inner_stride; }
+};
+
+RowOut row_out(torch::Tensor& out, int64_t rows, int64_t count, const char* name) {
+  TORCH_CHECK(out.dtype() == torch::kInt64 && out.device().is_cpu(), name, " expects an int64 CPU out tensor");
+  TORCH_CHECK((out.dim() == 2 || out.dim() == 3) && out.size(-1) == count && out.stride(-1) == 1, name,
+              " expects out [R, count] or [B, Tc, count] with unit stride along count");
+  if (out.dim() == 2) {
+    TORCH_CHECK(out.size(0) == rows, name, " expects ", rows, " rows in out, got ", out.size(0));
+    return {out.data_ptr<int64_t>(), std::max<int64_t>(rows, 1), 0, out.stride(0)};
+  }
+  TORCH_CHECK(out.size(0) * out.size(1) == rows, name, " expects ", rows, " rows in out, got ", out.size(0) * out.size(1));
+  return {out.data_ptr<int64_t>(), std::max<int64_t>(out.size(1), 1), out.stride(0), out.stride(1)};
+}
+
+}  // namespace
+
+// scores [R, S'] fp32 (unit stride along S'), invisible keys -inf; writes into out ([R, count] or
+// [B, Tc, count], see RowOut) the indices of each row, ascending, -1 after a row's last visible key,
+// and returns out. count <= S'.
+torch::Tensor select_rows(torch::Tensor scores, int64_t count, torch::Tensor out) {
   TORCH_CHECK(scores.dtype() == torch::kFloat32 && scores.dim() == 2, "select_rows expects fp32 scores [R, S']");
   TORCH_CHECK(count >= 1 && count <= scores.size(1), "select_rows expects 1 <= count <= S'");
   scores = scores.contiguous();
   const int64_t rows = scores.size(0), span = scores.size(1);
-  auto out = torch::empty({rows, count}, scores.options().dtype(torch::kInt64));
+  const RowOut dest = row_out(out, rows, count, "select_rows");
   const float* score_ptr = scores.data_ptr<float>();
-  int64_t* out_ptr = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     RowScratch scratch(span);
-    for (int64_t r = begin; r < end; ++r) select_row(score_ptr + r * span, span, count, out_ptr + r * count, scratch);
+    for (int64_t r = begin; r < end; ++r) select_row(score_ptr + r * span, span, count, dest.row(r), scratch);
   });
   return out;
 }
@@ -758,15 +782,19 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count) {
 // block of keys at a time and keeps, per row, only the visible keys at or above the row's bound. A
 // chunk thus keeps its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at
 // 64k keys). Row t of the chunk may attend keys [0, first + t]. q, k_t and w are as for index_scores.
-// Returns indices [B, Tc, count] in the reference's order and tie rule, or an empty tensor when a row
-// may attend fewer than SAMPLED_MIN_SPAN * count keys (the caller then scores the chunk in full).
-torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int64_t first, int64_t count) {
+// Writes indices [B, Tc, count] into out (see RowOut) in the reference's order and tie rule and returns
+// true, or returns false without writing when a row may attend fewer than SAMPLED_MIN_SPAN * count keys
+// (the caller then scores the chunk in full).
+bool select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int64_t first, int64_t count,
+                  torch::Tensor out) {
   auto [q, w] = check_score_inputs("select_chunk", q_in, k_t, w_in);
   TORCH_CHECK(first >= 0 && count >= 1, "select_chunk expects first >= 0 and count >= 1");
   const bool round = k_t.dtype() == torch::kBFloat16;
   const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
   const int64_t span = k_t.size(2);
-  if (std::min(span, first + 1) < SAMPLED_MIN_SPAN * count) return torch::empty({0}, q.options().dtype(torch::kInt64));
+  TORCH_CHECK(span <= INT32_MAX, "select_chunk expects fewer than 2^31 keys");
+  const RowOut dest = row_out(out, batch * queries, count, "select_chunk");
+  if (std::min(span, first + 1) < SAMPLED_MIN_SPAN * count) return false;
   const KeySource src = key_source(k_t);
   const float* w_ptr = w.data_ptr<float>();
   const std::vector<float> q_packed = pack_all_queries(q.data_ptr<float>(), batch, queries, heads, head_dim);
@@ -805,11 +833,14 @@ torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor 
   std::vector<float>().swap(sampled);
 
   // Full pass: the keys split into `parts` ranges of blocks, in key order, each appending its candidates
-  // to its own list per row, so that the lists of one row, read part after part, are in key order.
+  // to its own list per row, so that the lists of one row, read part after part, are in key order. The
+  // lists hold int32 keys and start with room for a part's share of about 1.5 * count candidates, so
+  // that few of them grow (a grown vector's capacity doubles).
   const int64_t blocks = (span + KEY_BLOCK - 1) / KEY_BLOCK;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   const int64_t blocks_per_part = (blocks + parts - 1) / parts;
-  std::vector<std::vector<int64_t>> cand_idx(static_cast<size_t>(batch * parts * queries));
+  const size_t room = static_cast<size_t>(count * 3 / 2 / parts + KEY_BLOCK);
+  std::vector<std::vector<int32_t>> cand_idx(static_cast<size_t>(batch * parts * queries));
   std::vector<std::vector<float>> cand_val(cand_idx.size());
   at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> packed(static_cast<size_t>(head_dim * KEY_BLOCK));
@@ -824,8 +855,12 @@ torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor 
         for (int64_t t = 0; t < queries; ++t) {
           const int64_t r = b * queries + t, limit = std::min(n, visible(r) - lo);
           if (limit <= 0) continue;
-          std::vector<int64_t>& idx = cand_idx[item * queries + t];
+          std::vector<int32_t>& idx = cand_idx[item * queries + t];
           std::vector<float>& val = cand_val[item * queries + t];
+          if (idx.capacity() == 0) {
+            idx.reserve(room);
+            val.reserve(room);
+          }
           int64_t m = static_cast<int64_t>(idx.size());
           idx.resize(m + limit);
           val.resize(m + limit);
@@ -833,7 +868,7 @@ torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor 
           const float floor = bound[r];
           // Without a branch, as in select_row: every key is written, the count moves on for candidates.
           for (int64_t i = 0; i < limit; ++i) {
-            idx[m] = lo + i;
+            idx[m] = static_cast<int32_t>(lo + i);
             val[m] = row[i];
             m += row[i] >= floor;
           }
@@ -844,8 +879,6 @@ torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor 
     }
   });
 
-  auto out = torch::empty({batch, queries, count}, q.options().dtype(torch::kInt64));
-  int64_t* out_ptr = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     // Scratch sized by the candidates; span-sized scratch only for a row scored in full.
     std::vector<int64_t> idx;
@@ -867,7 +900,7 @@ torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor 
         std::copy(cand_val[list].begin(), cand_val[list].end(), val.begin() + n);
         n += static_cast<int64_t>(cand_idx[list].size());
       }
-      int64_t* row_out = out_ptr + r * count;
+      int64_t* row_dest = dest.row(r);
       if (n < count) {
         if (!scratch) scratch = std::make_unique<RowScratch>(span);
         // The bound admitted too few keys: score this row in full and select as select_rows does.
@@ -881,13 +914,13 @@ torch::Tensor select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor 
           score_block(q_row.data(), w_ptr + r * heads, 1, heads, head_dim, round, packed.data(),
                       (n_keys + GROUP - 1) / GROUP, full_row.data() + lo, KEY_BLOCK);
         }
-        select_row(full_row.data(), seen, count, row_out, *scratch);
+        select_row(full_row.data(), seen, count, row_dest, *scratch);
         continue;
       }
-      select_candidates(idx.data(), val.data(), n, count, bucket.data(), row_out);
+      select_candidates(idx.data(), val.data(), n, count, bucket.data(), row_dest);
     }
   });
-  return out;
+  return true;
 }
 
 namespace {
@@ -1024,8 +1057,8 @@ torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("index_scores", &index_scores, "Fused lightning indexer scores (fp32, CPU)");
-  m.def("select_rows", &select_rows, "Top-k keys of each score row, ascending, with the tie rule (CPU)");
-  m.def("select_chunk", &select_chunk, "Top-k keys of a chunk of queries without its full scores (CPU)");
+  m.def("select_rows", &select_rows, "Top-k keys of each score row, ascending, with the tie rule, into out (CPU)");
+  m.def("select_chunk", &select_chunk, "Top-k keys of a chunk of queries without its full scores, into out (CPU)");
   m.def("select_few", &select_few, "Top-k keys for a few queries from keys-major indexer keys (CPU)");
   m.def("sparse_attention", &sparse_attention, "Sparse attention forward over index rows (fp32, CPU)");
 }

@@ -173,7 +173,7 @@ def test_select_chunk_declines_short_rows():
 def test_selection_takes_select_chunk_for_long_rows(monkeypatch):
     calls = []
     original = topk_module.select_chunk_cpu
-    monkeypatch.setattr(topk_module, "select_chunk_cpu", lambda *a: calls.append(a[3]) or original(*a))
+    monkeypatch.setattr(topk_module, "select_chunk_cpu", lambda *a, **kw: calls.append(a[3]) or original(*a, **kw))
     q, k, w = _indexer_inputs(2, 120, 120, 4, 32, seed=9)
     with torch.no_grad():
         actual = select_topk_torch(q, k, w, 16, chunk_size=32)
@@ -380,3 +380,34 @@ def test_environment_variable_turns_the_kernels_off(monkeypatch):
         monkeypatch.delenv("DSA_CPU_KERNELS")
         cpu_kernels.cache_clear()
     assert cpu_module.cpu_kernels() is not None
+
+
+def test_selection_kernels_write_into_a_slice_of_a_buffer():
+    """With `out`, select_rows and select_chunk write rows of a strided slice and nothing else of the buffer."""
+    count, first, queries = 64, 1000, 21
+    q, k, w = _indexer_inputs(2, queries, 1333, 4, 32, seed=8)
+    k_t = k.transpose(1, 2)
+    buffer = torch.full((2, queries + 5, count + 9), 7777, dtype=torch.int64)
+    target = buffer[:, 3 : 3 + queries, 2 : 2 + count]
+    assert select_chunk_cpu(q, k_t, w, first, count, out=target) is target
+    assert torch.equal(target, _chunk_expected(q, k_t, w, first, count))
+    scores = torch.randn(2, queries, 900, generator=torch.Generator().manual_seed(3))
+    rows_target = buffer[:, 3 : 3 + queries, 2 : 2 + count]
+    assert select_rows_cpu(scores, count, out=rows_target) is rows_target
+    assert torch.equal(rows_target, _rule(scores, count))
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside[:, 3 : 3 + queries, 2 : 2 + count] = False
+    assert bool((buffer[outside] == 7777).all())
+
+
+def test_selection_kernels_reject_a_wrong_out():
+    scores = torch.randn(1, 4, 300)
+    with pytest.raises(ValueError, match="int64"):
+        select_rows_cpu(scores, 16, out=torch.empty(1, 4, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 16\)"):
+        select_rows_cpu(scores, 16, out=torch.empty(1, 4, 17, dtype=torch.int64))
+    with pytest.raises(ValueError, match="unit stride"):
+        select_rows_cpu(scores, 16, out=torch.empty(1, 16, 4, dtype=torch.int64).transpose(1, 2))
+    q, k, w = _indexer_inputs(1, 4, 400, 4, 32)
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 64\)"):
+        select_chunk_cpu(q, k.transpose(1, 2), w, 396, 64, out=torch.empty(1, 5, 64, dtype=torch.int64))

@@ -250,7 +250,7 @@ def _pytorch_rule_only(monkeypatch):
     kernel (tested in test_cpu_kernels.py) otherwise replaces."""
     monkeypatch.setattr(topk_torch_module, "select_rows_cpu_applies", lambda scores: False)
     monkeypatch.setattr(topk_torch_module, "select_few_cpu_applies", lambda q_idx, k_idx: False)
-    monkeypatch.setattr(topk_torch_module, "select_chunk_cpu", lambda *args: None)
+    monkeypatch.setattr(topk_torch_module, "select_chunk_cpu", lambda *args, **kwargs: None)
 
 
 def _spy_sampled(monkeypatch, name="_sampled_topk"):
@@ -384,3 +384,32 @@ def test_bf16_product_changes_few_keys():
     bf16 = select_topk_torch(q, k, w, 256, q_start=2048 - 64, score_dtype=torch.bfloat16)
     kept_share = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fp32[0], bf16[0])) / fp32[0].numel()
     assert 0.9 <= kept_share < 1.0, kept_share
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+@pytest.mark.parametrize(("queries", "keys", "top_k"), [(40, 40, 16), (12, 900, 64), (5, 30, 64)])
+def test_out_buffer_receives_the_selection(monkeypatch, cpu_kernels, queries, keys, top_k):
+    """With `out` (a strided slice of a larger buffer), the selection is written there and returned,
+    on the C++ path and on the PyTorch one, and the rest of the buffer is left alone."""
+    if not cpu_kernels:
+        monkeypatch.setattr(topk_torch_module, "select_rows_cpu_applies", lambda scores: False)
+        monkeypatch.setattr(topk_torch_module, "select_chunk_cpu", lambda *args, **kwargs: None)
+    q, k, w = _inputs(2, queries, keys, heads=4, head_dim=32, seed=queries)
+    width = min(top_k, keys)
+    buffer = torch.full((2, queries + 3, width + 4), 7777, dtype=torch.int64)
+    target = buffer[:, 1 : 1 + queries, :width]
+    with torch.no_grad():
+        result = select_topk_torch(q, k, w, top_k, chunk_size=8, out=target)
+    assert result is target
+    assert torch.equal(target, select_topk_reference(q, k, w, top_k))
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside[:, 1 : 1 + queries, :width] = False
+    assert bool((buffer[outside] == 7777).all())
+
+
+def test_out_buffer_of_the_wrong_shape_is_rejected():
+    q, k, w = _inputs(1, 6, 50)
+    with pytest.raises(ValueError, match=r"shape \(1, 6, 16\)"):
+        select_topk_torch(q, k, w, 16, out=torch.empty(1, 6, 50, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64"):
+        select_topk_torch(q, k, w, 16, out=torch.empty(1, 6, 16, dtype=torch.float32))

@@ -21,6 +21,7 @@ from dsa.ops.indexer.cpu import cpu_kernel_applies
 from dsa.ops.indexer.torch import kernel_layout
 from dsa.ops.sparse_attention.cpu import sparse_attention_cpu, sparse_attention_cpu_applies
 from dsa.ops.sparse_attention.torch import _union_forward
+from dsa.ops.topk.naive import check_selection_args
 from dsa.ops.topk.torch import select_topk_torch
 
 SCORE_BUDGET = 2**22
@@ -36,6 +37,13 @@ prefill's extra memory. On a 2-core Intel Xeon (random SmolLM2-135M inputs, one 
 instead of 256 queries cut the peak growth at 16k tokens from 74.5 to 48.7 MiB (the output is 36 MiB).
 At 64k it fell from 195 to 172 MiB. The 16k prefill took 1.39 s against 1.43 s, the 64k one 12.4 s
 against 12.1 s."""
+
+KERNEL_SCORE_CHUNK = 32
+"""Queries per selection chunk inside a block when the fused CPU kernels select and attend. A chunk's
+scores [Tc, S'] (or, past 3 * top_k keys, its candidates) are the selection's temporaries: 512 KiB at
+4k keys, where dense attention needs about 1 MiB beyond its output. With 4 indexer heads, 32 queries
+is the smallest chunk the fused kernel scores (more than FEW_QUERY_HEADS query heads); smaller
+chunks take the PyTorch product, whose per-head logits [S', Tc * HI] are as large as 64 queries' scores."""
 
 
 def _score_chunk(chunk_size: int, indexer_heads: int, keys: int) -> int:
@@ -86,6 +94,7 @@ def sparse_prefill_torch(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid; expected an integer >= 1.")
+    check_selection_args(top_k, sink_tokens, local_tokens)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, q_idx, k_idx, weights)):
         raise ValueError(
             "sparse_prefill_torch has no backward pass; run it under torch.no_grad(), or use select_topk_torch and "
@@ -103,10 +112,13 @@ def sparse_prefill_torch(
     k_idx = k_idx_t.transpose(1, 2)
     # The kernel writes no per-head logits, so its chunks are bounded by the scores alone.
     fused = cpu_kernel_applies(q_idx, k_idx_t)
-    score_chunk = _score_chunk(block, 1 if fused else q_idx.shape[2], keys)
+    lean = fused and attend_in_kernel
+    score_chunk = _score_chunk(min(block, KERNEL_SCORE_CHUNK) if lean else block, 1 if fused else q_idx.shape[2], keys)
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     counts = torch.empty(batch, queries, dtype=torch.int64, device=q.device)
+    # One index buffer for all blocks: the selection writes each block's rows into it.
+    block_indices = torch.empty(batch, min(block, queries), min(top_k, keys), dtype=torch.int64, device=q.device)
     for start in range(0, queries, block):
         stop = min(start + block, queries)
         # Keys past the block's last query are invisible to all of it.
@@ -117,6 +129,7 @@ def sparse_prefill_torch(
             key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :span],
             attention_mask=None if attention_mask is None else attention_mask[:, start:stop, :span],
             sink_tokens=sink_tokens, local_tokens=local_tokens, chunk_size=score_chunk, score_dtype=score_dtype,
+            out=block_indices[:, : stop - start, : min(top_k, span)],
         )
         if attend_in_kernel:
             block_out = sparse_attention_cpu(q[:, start:stop], k[:, :span], v[:, :span], indices, scale)

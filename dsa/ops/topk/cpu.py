@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from dsa.ops._checks import check_index_out
 from dsa.ops._cpu import cpu_kernels
 
 
@@ -28,14 +29,31 @@ def select_rows_cpu_applies(scores: torch.Tensor) -> bool:
     return scores.device.type == "cpu" and scores.dtype == torch.float32 and cpu_kernels() is not None
 
 
-def select_rows_cpu(scores: torch.Tensor, count: int) -> torch.Tensor:
+def select_rows_cpu(scores: torch.Tensor, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Return indices [..., count] (int64, ascending, -1 after a row's last visible key) of each row's
     `count` largest scores [..., S'] (invisible keys -inf), ties at the boundary to the lowest index.
-    Callers check `select_rows_cpu_applies` first."""
+
+    With `out` (int64, scores' leading shape by count, unit stride along count, such as a slice of a
+    larger buffer), the kernel writes there and returns it, and no result tensor is allocated.
+    Callers check `select_rows_cpu_applies` first.
+    """
     kernels = cpu_kernels()
     assert kernels is not None, "call select_rows_cpu_applies() before select_rows_cpu()"
     span = scores.shape[-1]
-    return kernels.select_rows(scores.detach().reshape(-1, span), count).view(*scores.shape[:-1], count)
+    if out is None:
+        out = torch.empty(*scores.shape[:-1], count, dtype=torch.int64, device=scores.device)
+    check_index_out(out, (*scores.shape[:-1], count), torch.device("cpu"))
+    kernels.select_rows(scores.detach().reshape(-1, span), count, _kernel_rows(out))
+    return out
+
+
+def _kernel_rows(out: torch.Tensor) -> torch.Tensor:
+    """View `out` [..., count] as the [R, count] or [B, Tc, count] rows the kernels write."""
+    if out.dim() in (2, 3):
+        return out
+    if out.dim() == 1 or out.is_contiguous():
+        return out.view(-1, out.shape[-1])
+    raise ValueError(f"out of shape {tuple(out.shape)} and strides {out.stride()} must be contiguous beyond 3 dims.")
 
 
 FEW_HEAD_DIMS = (16, 32, 64, 128)
@@ -72,12 +90,18 @@ def select_few_cpu(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tens
 
 
 def select_chunk_cpu(
-    q_idx: torch.Tensor, k_idx_t: torch.Tensor, weights: torch.Tensor, first: int, count: int
+    q_idx: torch.Tensor,
+    k_idx_t: torch.Tensor,
+    weights: torch.Tensor,
+    first: int,
+    count: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Return indices [B, Tc, count] (int64, ascending) of the `count` largest index scores of each query,
     ties to the lowest index, where query t may attend keys 0 .. first + t of k_idx_t [B, DI, S'] (the
     scores of `index_scores_chunk_cpu`, which sets the keys' layouts and dtypes). Returns None when a
     query may attend fewer than 3 * count keys, and the caller then computes the chunk's scores.
+    With `out` (as for `select_rows_cpu`) the kernel writes there and returns it.
     Callers check `dsa.ops.indexer.cpu.cpu_kernel_applies` first.
     """
     kernels = cpu_kernels()
@@ -85,5 +109,8 @@ def select_chunk_cpu(
     heads, head_dim = q_idx.shape[2], q_idx.shape[3]
     scale = heads**-0.5 * head_dim**-0.5
     q = q_idx.detach().to(k_idx_t.dtype).float()
-    out = kernels.select_chunk(q, k_idx_t.detach(), weights.detach().float() * scale, int(first), int(count))
-    return out if out.numel() else None
+    if out is None:
+        out = torch.empty(q_idx.shape[0], q_idx.shape[1], count, dtype=torch.int64, device=q_idx.device)
+    check_index_out(out, (q_idx.shape[0], q_idx.shape[1], count), torch.device("cpu"))
+    done = kernels.select_chunk(q, k_idx_t.detach(), weights.detach().float() * scale, int(first), int(count), out)
+    return out if done else None

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from dsa.ops._checks import check_indexer_inputs, check_score_dtype, resolve_mask_args
+from dsa.ops._checks import check_index_out, check_indexer_inputs, check_score_dtype, resolve_mask_args
 from dsa.ops.indexer.cpu import cpu_kernel_applies
 from dsa.ops.indexer.torch import FEW_QUERY_HEADS, index_scores_chunk, kernel_layout
 from dsa.ops.masks import forced_keys, visible_keys
@@ -43,8 +43,13 @@ def select_topk_torch(
     chunk_size: int = 256,
     score_dtype: torch.dtype = torch.float32,
     scores_fn: ScoresFn | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
+
+    With `out` (int64 [B, T, K] on q_idx's device, unit stride along K) the indices are written there
+    and `out` is returned; the fused prefill passes one buffer for all its blocks. The CPU kernels then
+    write their rows straight into it.
 
     `score_dtype` torch.bfloat16 runs the q . k product of the scores in bf16, as
     `index_scores_reference(..., score_dtype=torch.bfloat16)` defines it; k_idx already in bf16 (a
@@ -61,12 +66,15 @@ def select_topk_torch(
     width = min(top_k, keys)
     plain = sink_tokens == 0 and local_tokens == 0
     few_queries = queries * q_idx.shape[2] <= FEW_QUERY_HEADS
+    if out is not None:
+        check_index_out(out, (batch, queries, width), q_idx.device)
     if scores_fn is None and plain and keys > width and few_queries and q_idx.device.type == "cpu":
         # Decode: one C++ call scores the keys in the cache's own layout and selects each row. The masks
         # are checked last, since each check reads the whole mask.
         k_score = k_idx.to(score_dtype)
         if select_few_cpu_applies(q_idx, k_score) and _sees_all(key_padding_mask) and _sees_all(attention_mask):
-            return select_few_cpu(q_idx, k_score, weights, q_start, width)
+            few = select_few_cpu(q_idx, k_score, weights, q_start, width)
+            return few if out is None else out.copy_(few)
     if scores_fn is None:
         scores_fn = _torch_scores
 
@@ -74,7 +82,8 @@ def select_topk_torch(
     if scores_fn is _torch_scores:
         # The fused CPU kernel reads this view in place; keys of other strides are copied once for all chunks.
         k_idx_t = kernel_layout(k_idx_t, min(chunk_size, queries), q_idx.shape[2])
-    out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
+    if out is None:
+        out = torch.empty(batch, queries, width, dtype=torch.int64, device=q_idx.device)
     # Chunks of many queries whose scores the fused CPU kernel would compute (see index_scores_chunk).
     chunk_kernel = (
         plain and scores_fn is _torch_scores and min(chunk_size, queries) * q_idx.shape[2] > FEW_QUERY_HEADS
@@ -96,14 +105,15 @@ def select_topk_torch(
             continue
         if chunk_kernel and padding is None and rows_mask is None:
             # Long rows without masks: the kernel keeps each row's candidates, not the chunk's scores.
-            indices = select_chunk_cpu(q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], first, width)
-            if indices is not None:
-                out[:, start:stop] = indices
+            found = select_chunk_cpu(
+                q_idx[:, start:stop], k_idx_t[:, :, :span], weights[:, start:stop], first, width, out=out[:, start:stop]
+            )
+            if found is not None:
                 continue
         scores = scores_fn(q_idx[:, start:stop].to(score_dtype), k_idx_t[:, :, :span], weights[:, start:stop], first)
         if plain:
             _hide_invisible(scores, first, padding, rows_mask)
-            out[:, start:stop] = _topk_rows(scores, width)
+            _topk_rows(scores, width, out=out[:, start:stop])
             continue
         visible = visible_keys(q_positions, span, padding, batch, rows_mask)
         forced = forced_keys(visible, q_positions, padding, sink_tokens, local_tokens)
@@ -133,25 +143,37 @@ def _hide_invisible(
         scores.masked_fill_(~rows_mask, float("-inf"))
 
 
-def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
+def _topk_rows(scores: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Return ascending indices [B, Tc, width] (-1 after the last) for scores [B, Tc, S'] whose invisible
-    keys are already -inf, without the [B, Tc, S'] masks and cumulative sums of `_choose`.
+    keys are already -inf, without the [B, Tc, S'] masks and cumulative sums of `_choose`. With `out`
+    ([B, Tc, width] int64, unit stride along width) they are written there.
 
-    fp32 scores on the CPU go to the C++ kernel (`dsa.ops.topk.cpu`). Otherwise each row takes `topk`'s
-    set, which is the tie rule's set unless a score equal to the row's k-th largest is left out. Only such rows go through `_choose`. A row with fewer than `width` visible
+    fp32 scores on the CPU go to the C++ kernel (`dsa.ops.topk.cpu`), which writes into `out` directly.
+    Otherwise each row takes `topk`'s set, which is the tie rule's set unless a score equal to the row's
+    k-th largest is left out; only such rows go through `_choose`. A row with fewer than `width` visible
     keys (its k-th largest is -inf) keeps all of them.
     """
-    span = scores.shape[-1]
-    count = min(width, span)
+    count = min(width, scores.shape[-1])
+    if out is None:
+        out = torch.empty(*scores.shape[:-1], width, dtype=torch.int64, device=scores.device)
     if select_rows_cpu_applies(scores):
         # The C++ kernel applies the same rule row by row, without [Tc, S'] temporaries.
-        indices = select_rows_cpu(scores, count)
-        return indices if count == width else torch.nn.functional.pad(indices, (0, width - count), value=-1)
+        select_rows_cpu(scores, count, out=out[..., :count])
+    else:
+        out[..., :count] = _topk_rows_torch(scores, count)
+    if count < width:
+        out[..., count:] = -1
+    return out
+
+
+def _topk_rows_torch(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """`_topk_rows`'s PyTorch path: ascending indices [B, Tc, count] with count <= S'."""
+    span = scores.shape[-1]
     few_rows = scores.shape[0] * scores.shape[1] <= FEW_ROWS
     if not few_rows and span >= SAMPLED_MIN_SPAN * count:
         ascending = _sampled_select(scores, count)
         if ascending is not None:
-            return ascending if count == width else torch.nn.functional.pad(ascending, (0, width - count), value=-1)
+            return ascending
     found = _sampled_topk(scores, count) if few_rows and span >= SAMPLED_MIN_SPAN * count else None
     values, indices = found if found is not None else scores.topk(count, dim=-1, sorted=False)
     kth = values.amin(dim=-1, keepdim=True)
@@ -173,7 +195,7 @@ def _topk_rows(scores: torch.Tensor, width: int) -> torch.Tensor:
         rows = scores[tied].unsqueeze(0)  # [1, N, S']
         chosen = _choose(rows, ~torch.isneginf(rows), None, count)
         indices[tied] = _ascending_indices(chosen, count)[0]
-    return indices if count == width else torch.nn.functional.pad(indices, (0, width - count), value=-1)
+    return indices
 
 
 # Rows per call up to which `_sampled_topk` runs row by row (decode steps, small batches).
