@@ -9,8 +9,8 @@ with the shipped indexer adapter, on real text. The indexer projections (hidden 
 weights) are not part of this operator-level benchmark.
 
 Every (path, size) case runs in a fresh child process, which runs one warm-up call, checks that call's
-output against the reference operators, then times `--repeats` calls and reports their times and the
-growth of its resident set. Correctness is checked before anything is timed: a failed check stops the
+output against the reference operators, then times `--repeats` calls and reports their times. A second
+fresh child, with glibc's mmap threshold fixed, measures the growth of its resident set during one call. Correctness is checked before anything is timed: a failed check stops the
 run with exit status 1.
 
     python benchmarks/bench_ops.py            # full sweep, about 12 minutes on an idle 2-core CPU
@@ -655,31 +655,9 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
         select_ms = [select_s[0] * 1e3]
         attention_ms = [total_ms - select_ms[0]]
 
-    # Memory: one more call, untimed, with glibc returning every freed block of MMAP_THRESHOLD bytes or
-    # more to the kernel at once, after releasing what earlier calls left in its heap. The checks and
-    # timed calls above do not count: the high-water mark is reset just before. Where the reset fails,
-    # the peak is not reported.
-    strict_allocator()
-    gc.collect()
-    peak_is_isolated = reset_peak_rss()
-    baseline = current_rss_bytes()
-    if spec.path == "dense":
-        out = dense_attention(inputs)
-    elif fused:
-        out = dsa_prefill(inputs, spec.top_k, spec.chunk_size, dtype)
-    else:
-        out = dsa_attend(inputs, dsa_select(inputs, spec.top_k, spec.chunk_size, dtype), spec.chunk_size)
-    del out
-    peak = peak_rss_bytes()
-    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
     result: dict[str, Any] = {
         "times_ms": times_ms,
         "median_ms": statistics.median(times_ms),
-        "baseline_rss_bytes": baseline,
-        "peak_rss_bytes": peak,
-        "peak_rss_growth_bytes": peak - baseline if peak_is_isolated else None,
-        "ru_maxrss_bytes": ru_maxrss,
         "torch_threads": torch.get_num_threads(),
         "check": check,
     }
@@ -691,6 +669,49 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
             median_attention_ms=statistics.median(attention_ms),
         )
     return result
+
+
+def path_call(spec: CaseSpec, inputs: CaseInputs) -> Any:
+    """Return a function of no arguments that runs the case's path once and returns its output."""
+    if spec.path == "dense":
+        return lambda: dense_attention(inputs)
+    if spec.queries > 1:
+        return lambda: dsa_prefill(inputs, spec.top_k, spec.chunk_size, spec.score_dtype)
+    return lambda: dsa_attend(inputs, dsa_select(inputs, spec.top_k, spec.chunk_size, spec.score_dtype), spec.chunk_size)
+
+
+def measure_memory(spec: CaseSpec) -> dict[str, Any]:
+    """Run the case's path once to warm up, then once more and return that call's resident-set growth.
+
+    The child runs with glibc's mmap threshold fixed at MMAP_THRESHOLD from its start (CHILD_ENVIRONMENT),
+    so that freed blocks of 64 KiB or more go back to the kernel at once and no earlier call's heap
+    shapes this one's peak. The high-water mark is reset just before the call; where the reset fails,
+    the growth is None.
+    """
+    inputs = case_inputs(spec)
+    call = path_call(spec, inputs)
+    out = call()
+    del out
+    gc.collect()
+    strict_allocator()
+    peak_is_isolated = reset_peak_rss()
+    baseline = current_rss_bytes()
+    out = call()
+    del out
+    peak = peak_rss_bytes()
+    return {
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": peak,
+        "peak_rss_growth_bytes": peak - baseline if peak_is_isolated else None,
+    }
+
+
+def memory_case_main(encoded: str) -> int:
+    """Entry point of the memory child process: print measure_memory's result for the case as JSON."""
+    with torch.inference_mode():
+        result = measure_memory(CaseSpec(**json.loads(encoded)))
+    print(json.dumps(result))
+    return 0
 
 
 def case_main(encoded: str) -> int:
@@ -755,7 +776,8 @@ def wait_for_idle(max_wait_s: float) -> float:
 def launch_case(spec: CaseSpec, timeout_s: float) -> dict[str, Any]:
     """Run one case in a fresh child process; return its record, with status "ok", "timeout" or "failed".
 
-    The record also gives the CPU cores that other processes kept busy meanwhile (other_cpu_cores)
+    A second child, started only once the first has checked and timed the path, measures its memory
+    (measure_memory); each child gets timeout_s. The record also gives the CPU cores that other processes kept busy meanwhile (other_cpu_cores)
     and the hypervisor's steal time (steal_cpu_cores), both averaged over the case's wall time.
     """
     record: dict[str, Any] = {"tier": spec.tier, "tokens": spec.tokens, "path": spec.path}
@@ -778,9 +800,23 @@ def launch_case(spec: CaseSpec, timeout_s: float) -> dict[str, Any]:
     if completed.returncode == CHECK_FAILED_EXIT:
         raise CheckFailed(completed.stderr.strip())
     if completed.returncode != 0:
-        tail = completed.stderr.strip().splitlines()[-5:]
-        return {**record, "status": "failed", "message": f"exit status {completed.returncode}: " + " | ".join(tail)}
-    return {**record, "status": "ok", **json.loads(completed.stdout.strip().splitlines()[-1])}
+        return {**record, "status": "failed", "message": _failure(completed)}
+    record.update(json.loads(completed.stdout.strip().splitlines()[-1]))
+    memory_command = [sys.executable, str(Path(__file__).resolve()), "--memory-case", json.dumps(spec.__dict__)]
+    try:
+        memory = subprocess.run(
+            memory_command, env={**os.environ, **CHILD_ENVIRONMENT}, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {**record, "status": "timeout", "message": f"the memory call stopped after the case timeout of {timeout_s:.0f} s"}
+    if memory.returncode != 0:
+        return {**record, "status": "failed", "message": "memory call: " + _failure(memory)}
+    return {**record, "status": "ok", **json.loads(memory.stdout.strip().splitlines()[-1])}
+
+
+def _failure(completed: subprocess.CompletedProcess) -> str:
+    tail = completed.stderr.strip().splitlines()[-5:]
+    return f"exit status {completed.returncode}: " + " | ".join(tail)
 
 
 def run_case_attempts(spec: CaseSpec, args: argparse.Namespace) -> dict[str, Any]:
@@ -1020,6 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Internal: run one case in this process and print its result (how the parent starts each child).
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     return parser
 
 
@@ -1059,6 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.case is not None:
         return case_main(args.case)
+    if args.memory_case is not None:
+        return memory_case_main(args.memory_case)
 
     sizes = sweep_sizes(args.quick, args.inputs)
     if args.prefill_tokens:

@@ -52,6 +52,8 @@ def test_real_inputs_with_bf16_scores(tmp_path):
     assert results["settings"]["inputs"] == "real"
     assert results["settings"]["score_dtype"] == "bfloat16"
     assert [case["status"] for case in results["cases"]] == ["ok"] * 4
+    # Each case's memory comes from its second child process.
+    assert all("peak_rss_growth_bytes" in case and case["baseline_rss_bytes"] > 0 for case in results["cases"])
     dsa_prefill = next(case for case in results["cases"] if case["path"] == "dsa" and case["tier"] == "prefill")
     assert dsa_prefill["check"]["rows"], "no selected row was compared with the reference"
 
