@@ -1,36 +1,30 @@
 #!/usr/bin/env bash
 # Reproduce adapters/smollm2-135m: indexer warm-up of the embedded SmolLM2-135M-Instruct on War and Peace,
-# 200 steps of one 2048-token sequence, one CPU process, then a bf16 copy of the adapter with the five
-# dense layers chosen by `dsa layers`.
-# About 45 minutes on an idle 2-core CPU (13 s per step). Extra arguments go to `dsa train`.
+# one CPU process, in three runs:
+#   1. 200 steps of one 2048-token sequence from a fresh indexer (peak learning rate 1e-3), then a bf16
+#      copy of the adapter with the five dense layers chosen by `dsa layers`;
+#   2-3. 40, then 60 more steps of one 4096-token sequence (peak learning rate 3e-4, seeds 1 and 2), each
+#      run starting from the adapter of the one before;
+# then a bf16 copy of the last adapter, with the Trainer logs of all three runs.
+# On an idle 2-core CPU: about 45 minutes for run 1 (13 s per step) and 42 for runs 2-3 (25 s per step).
+# Extra arguments go to every `dsa train` run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/war_and_peace.txt}
-OUTPUT=${OUTPUT:-runs/smollm2-warmup-main}
+RUNS=${RUNS:-runs/smollm2-default}
 ADAPTER=${ADAPTER:-runs/smollm2-135m-bf16}
 
-python -m dsa.train \
-    --stage warmup \
-    --model_name_or_path default \
-    --dsa_preset smollm2-135m \
-    --indexer_heads 4 --indexer_head_dim 32 --rope_dim 16 \
-    --dataset_name_or_path "$DATA" \
-    --output_dir "$OUTPUT" \
-    --model_max_length 2048 \
-    --per_device_train_batch_size 1 \
-    --max_steps 200 \
-    --learning_rate 1e-3 \
-    --warmup_steps 10 \
-    --logging_steps 5 \
-    --save_steps 50 \
-    --save_total_limit 1 \
-    --use_cpu \
-    --report_to none \
-    --seed 0 \
-    "$@"
+common=(--stage warmup --model_name_or_path default --dataset_name_or_path "$DATA"
+        --per_device_train_batch_size 1 --logging_steps 5 --save_total_limit 1 --use_cpu --report_to none)
 
-# The shipped copy stores the weights in bf16 (half the size); the run-time config is unchanged.
-python - "$OUTPUT/adapter" "$ADAPTER" <<'PY'
+python -m dsa.train "${common[@]}" \
+    --dsa_preset smollm2-135m --indexer_heads 4 --indexer_head_dim 32 --rope_dim 16 \
+    --output_dir "$RUNS/2048" --model_max_length 2048 \
+    --max_steps 200 --learning_rate 1e-3 --warmup_steps 10 --save_steps 50 --seed 0 "$@"
+
+# Writes a bf16 copy of adapter $1 to $2 with the dense layers below. The run-time config is otherwise unchanged.
+bf16_copy() {
+    python - "$1" "$2" <<'PY'
 import sys
 
 import torch
@@ -45,4 +39,20 @@ dsa.load_indexer(model, sys.argv[1])
 dsa.update_config(model, dense_layers=[0, 7, 17, 18, 20])
 print(dsa.save_indexer(model, sys.argv[2], dtype=torch.bfloat16))
 PY
-cp "$OUTPUT/trainer_state.json" "$ADAPTER/"
+}
+
+bf16_copy "$RUNS/2048/adapter" "$RUNS/2048-bf16"
+previous="$RUNS/2048-bf16"
+for stage in "1 40" "2 60"; do
+    read -r seed steps <<<"$stage"
+    python -m dsa.train "${common[@]}" --indexer_path "$previous" \
+        --output_dir "$RUNS/4096-$seed" --model_max_length 4096 \
+        --max_steps "$steps" --learning_rate 3e-4 --warmup_steps 4 --save_steps "$steps" --seed "$seed" "$@"
+    previous="$RUNS/4096-$seed/adapter"
+done
+
+bf16_copy "$previous" "$ADAPTER"
+cp "$RUNS/2048/trainer_state.json" "$ADAPTER/trainer_state-2048.json"
+for seed in 1 2; do
+    cp "$RUNS/4096-$seed/trainer_state.json" "$ADAPTER/trainer_state-4096-$seed.json"
+done
