@@ -13,8 +13,9 @@ context length S it measures, in one process and one run:
   work. The cache is a StaticCache by default (`--cache`), written in place as serving engines do;
   transformers' DynamicCache copies every layer's keys and values at each step;
 - prefill (`--prefill_tokens`, shorter lengths): seconds for a forward pass over T tokens, dense vs DSA
-  in sparse mode, and the peak growth of the resident set (MiB) during one more, untimed pass of each,
-  measured after all timed calls as bench_ops.py measures operators.
+  in sparse mode, and the peak growth of the resident set (MiB) during one more, untimed pass of each.
+  Memory is measured as bench_ops.py measures operators: in a fresh child process per path and
+  length, which rebuilds the same seeded models, runs one warm-up prefill and measures the next one.
 
 Before timing, a correctness check runs: with top_k at least the context length, DSA's logits must
 equal the dense model's; at each timed length, every DSA decode step must have attended exactly
@@ -32,7 +33,9 @@ import copy
 import datetime
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dsa  # noqa: E402
 from bench_ops import (  # noqa: E402
+    CHILD_ENVIRONMENT,
     collect_machine_info,
     current_rss_bytes,
     format_machine_info,
@@ -151,11 +155,11 @@ def time_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 @torch.no_grad()
 def prefill_peak_mib(model: torch.nn.Module, ids: torch.Tensor) -> float | None:
-    """Return the growth of the resident set (MiB) during one untimed prefill: the high-water mark at its
-    end minus the RSS before it, as bench_ops.py measures operators. Run it after every timed call: it
-    sets glibc to return freed blocks of 64 KiB or more at once, and trims the heap first, so that
-    memory an earlier call freed but glibc kept does not hide this call's. None where the kernel
-    cannot reset the high-water mark."""
+    """Return the growth of the resident set (MiB) during one untimed prefill of `ids`: the high-water
+    mark at its end minus the RSS before it, after one warm-up prefill. Runs in a fresh child process
+    started with glibc's mmap threshold fixed (see memory_case_main), as bench_ops.py measures
+    operators. None where the kernel cannot reset the high-water mark."""
+    model(ids, logits_to_keep=1)
     gc.collect()
     strict_allocator()
     if not reset_peak_rss():
@@ -163,6 +167,32 @@ def prefill_peak_mib(model: torch.nn.Module, ids: torch.Tensor) -> float | None:
     baseline = current_rss_bytes()
     model(ids, logits_to_keep=1)
     return (peak_rss_bytes() - baseline) / 2**20
+
+
+def memory_case_main(encoded: str) -> int:
+    """Entry point of a memory child: build the models as the parent did, prefill the given ids with the
+    given path, and print prefill_peak_mib's result as JSON."""
+    case = json.loads(encoded)
+    dense, sparse = build_models(
+        case["shape"], case["layers"], case["top_k"], case["max_tokens"], case["seed"], case["score_dtype"], case["preset"]
+    )
+    model = dense if case["path"] == "dense" else sparse
+    del dense, sparse  # the other path's weights and indexers leave memory; `model` keeps its own
+    ids = torch.randint(0, model.config.vocab_size, (1, case["tokens"]), generator=torch.Generator().manual_seed(case["ids_seed"]))
+    print(json.dumps({"peak_mib": prefill_peak_mib(model, ids)}))
+    return 0
+
+
+def launch_memory_case(case: dict[str, Any]) -> float | None:
+    """Run prefill_peak_mib for one (path, T) in a fresh child; return MiB, or None when the child failed
+    (its error goes to stderr)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory_case", json.dumps(case)]
+    completed = subprocess.run(command, env={**os.environ, **CHILD_ENVIRONMENT}, capture_output=True, text=True)
+    if completed.returncode != 0:
+        tail = " | ".join(completed.stderr.strip().splitlines()[-5:])
+        print(f"warning: the memory call of {case['path']} at T={case['tokens']} failed: {tail}", file=sys.stderr)
+        return None
+    return json.loads(completed.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
@@ -221,12 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids (default 0)")
     parser.add_argument("--output", type=Path, help="raw JSON output (default bench-results/model-SHAPE.json); a PNG plot is written next to it")
+    parser.add_argument("--memory_case", help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.memory_case is not None:
+        return memory_case_main(args.memory_case)
     for name in ("layers", "steps", "top_k"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} is invalid; expected an integer >= 1.")
@@ -273,13 +306,15 @@ def main(argv: list[str] | None = None) -> int:
             row = {"tokens": tokens, "dense_s": time_prefill(dense, ids), "dsa_s": time_prefill(sparse, ids)}
             row["dense_over_dsa"] = row["dense_s"] / row["dsa_s"]
             results["prefill"].append(row)
-        if results["prefill"]:
-            # Memory last: glibc returning each freed large block at once (strict_allocator) slows timed calls.
-            generator = torch.Generator().manual_seed(args.seed + 1)
-            for row in results["prefill"]:
-                ids = torch.randint(0, vocab, (1, row["tokens"]), generator=generator)
-                row["dense_peak_mib"] = prefill_peak_mib(dense, ids)
-                row["dsa_peak_mib"] = prefill_peak_mib(sparse, ids)
+        # Memory in fresh children, one per path and length, after every timed call: the timed calls run
+        # with glibc's default allocator, whose grown heap would shape a later call's peak.
+        for row in tqdm(results["prefill"], desc="prefill memory", unit="length", file=sys.stderr):
+            for path in ("dense", "dsa"):
+                row[f"{path}_peak_mib"] = launch_memory_case({
+                    "shape": args.shape, "layers": args.layers, "top_k": args.top_k, "max_tokens": max_tokens,
+                    "seed": args.seed, "score_dtype": args.indexer_score_dtype, "preset": args.dsa_preset,
+                    "path": path, "tokens": row["tokens"], "ids_seed": args.seed + 1,
+                })
     except CheckFailed as error:
         print(f"error: correctness check failed, nothing more is timed: {error}", file=sys.stderr)
         return 1

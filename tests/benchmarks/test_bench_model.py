@@ -20,6 +20,7 @@ def test_model_benchmark_writes_results_and_plot(tmp_path):
     assert len(decode["dsa_step_ms"]) == 2
     (prefill,) = results["prefill"]
     assert prefill["tokens"] == 96
+    assert "memory call" not in completed.stderr, completed.stderr[-3000:]
     assert prefill["dense_peak_mib"] is None or prefill["dense_peak_mib"] > 0
     assert prefill["dsa_peak_mib"] is None or prefill["dsa_peak_mib"] > 0
     assert output.with_suffix(".png").exists()
