@@ -177,7 +177,7 @@ def memory_case_main(encoded: str) -> int:
         case["shape"], case["layers"], case["top_k"], case["max_tokens"], case["seed"], case["score_dtype"], case["preset"]
     )
     model = dense if case["path"] == "dense" else sparse
-    del dense, sparse  # the other path's weights and indexers leave memory; `model` keeps its own
+    del dense, sparse  # so that the other path's weights and indexers leave memory (`model` keeps its own)
     ids = torch.randint(0, model.config.vocab_size, (1, case["tokens"]), generator=torch.Generator().manual_seed(case["ids_seed"]))
     print(json.dumps({"peak_mib": prefill_peak_mib(model, ids)}))
     return 0

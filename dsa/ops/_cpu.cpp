@@ -760,9 +760,9 @@ RowOut row_out(torch::Tensor& out, int64_t rows, int64_t count, const char* name
 
 }  // namespace
 
-// scores [R, S'] fp32 (unit stride along S'), invisible keys -inf; writes into out ([R, count] or
-// [B, Tc, count], see RowOut) the indices of each row, ascending, -1 after a row's last visible key,
-// and returns out. count <= S'.
+// Selects from scores [R, S'] (fp32, unit stride along S', invisible keys -inf) each row's indices,
+// ascending, -1 after the row's last visible key. Writes them into out (see RowOut) and returns out.
+// count <= S'.
 torch::Tensor select_rows(torch::Tensor scores, int64_t count, torch::Tensor out) {
   TORCH_CHECK(scores.dtype() == torch::kFloat32 && scores.dim() == 2, "select_rows expects fp32 scores [R, S']");
   TORCH_CHECK(count >= 1 && count <= scores.size(1), "select_rows expects 1 <= count <= S'");
@@ -782,9 +782,9 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count, torch::Tensor out
 // block of keys at a time and keeps, per row, only the visible keys at or above the row's bound. A
 // chunk thus keeps its sample and its candidates instead of Tc * S' scores (16 MiB for 64 queries at
 // 64k keys). Row t of the chunk may attend keys [0, first + t]. q, k_t and w are as for index_scores.
-// Writes indices [B, Tc, count] into out (see RowOut) in the reference's order and tie rule and returns
-// true, or returns false without writing when a row may attend fewer than SAMPLED_MIN_SPAN * count keys
-// (the caller then scores the chunk in full).
+// Writes indices [B, Tc, count] into out (see RowOut) in the reference's order and tie rule, and returns
+// true. Returns false without writing when a row may attend fewer than SAMPLED_MIN_SPAN * count keys,
+// so that the caller scores the chunk in full.
 bool select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int64_t first, int64_t count,
                   torch::Tensor out) {
   auto [q, w] = check_score_inputs("select_chunk", q_in, k_t, w_in);

@@ -335,8 +335,8 @@ def test_sparse_attention_kernel_choice_by_head_dim():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fused_prefill_with_kernels(monkeypatch, batch):
-    """Blocks whose rows see fewer than top_k keys, then full scores, then select_chunk (from 3 * top_k
-    keys on), all written into the prefill's one index buffer; with two sequences its blocks are strided."""
+    """Blocks take the causal prefix, then full scores, then select_chunk (from 3 * top_k keys on), and
+    all of them write into the prefill's one index buffer. With two sequences its blocks are strided."""
     calls = []
     monkeypatch.setattr(prefill_module, "sparse_attention_cpu", lambda *a: calls.append(1) or sparse_attention_cpu(*a))
     q, k, v, _ = _attention_inputs(batch, 300, 300, 9, 3, 64, 1)
@@ -386,7 +386,7 @@ def test_environment_variable_turns_the_kernels_off(monkeypatch):
     assert cpu_module.cpu_kernels() is not None
 
 
-def test_selection_kernels_write_into_a_slice_of_a_buffer():
+def test_selection_kernels_write_into_slice():
     """With `out`, select_rows and select_chunk write rows of a strided slice and nothing else of the buffer."""
     count, first, queries = 64, 1000, 21
     q, k, w = _indexer_inputs(2, queries, 1333, 4, 32, seed=8)
@@ -404,7 +404,7 @@ def test_selection_kernels_write_into_a_slice_of_a_buffer():
     assert bool((buffer[outside] == 7777).all())
 
 
-def test_selection_kernels_reject_a_wrong_out():
+def test_selection_kernels_reject_bad_out():
     scores = torch.randn(1, 4, 300)
     with pytest.raises(ValueError, match="int64"):
         select_rows_cpu(scores, 16, out=torch.empty(1, 4, 16, dtype=torch.int32))
@@ -412,6 +412,10 @@ def test_selection_kernels_reject_a_wrong_out():
         select_rows_cpu(scores, 16, out=torch.empty(1, 4, 17, dtype=torch.int64))
     with pytest.raises(ValueError, match="unit stride"):
         select_rows_cpu(scores, 16, out=torch.empty(1, 16, 4, dtype=torch.int64).transpose(1, 2))
+    # More than 3 dims: the kernel reads rows of a contiguous view only.
+    strided = torch.empty(2, 2, 4, 20, dtype=torch.int64)[..., :16]
+    with pytest.raises(ValueError, match="must be contiguous"):
+        select_rows_cpu(torch.randn(2, 2, 4, 300), 16, out=strided)
     q, k, w = _indexer_inputs(1, 4, 400, 4, 32)
     with pytest.raises(ValueError, match=r"shape \(1, 4, 64\)"):
         select_chunk_cpu(q, k.transpose(1, 2), w, 396, 64, out=torch.empty(1, 5, 64, dtype=torch.int64))

@@ -407,7 +407,7 @@ def test_out_buffer_receives_the_selection(monkeypatch, cpu_kernels, queries, ke
     assert bool((buffer[outside] == 7777).all())
 
 
-def test_out_buffer_of_the_wrong_shape_is_rejected():
+def test_out_buffer_wrong_shape_rejected():
     q, k, w = _inputs(1, 6, 50)
     with pytest.raises(ValueError, match=r"shape \(1, 6, 16\)"):
         select_topk_torch(q, k, w, 16, out=torch.empty(1, 6, 50, dtype=torch.int64))

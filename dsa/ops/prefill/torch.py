@@ -35,7 +35,7 @@ KERNEL_BLOCK = 32
 """Maximum queries per block when the CPU attention kernel runs. A block's index sets (and its
 selection's scores, see KERNEL_SCORE_CHUNK) are the prefill's extra memory. On a 2-core Intel Xeon
 (random SmolLM2-135M inputs, one process), blocks of 64 instead of 256 queries cut the peak growth at
-16k tokens from 74.5 to 48.7 MiB (the output is 36 MiB), with the 16k prefill at 1.39 s against
+16k tokens from 74.5 to 48.7 MiB, of which the output is 36 MiB. The 16k prefill took 1.39 s against
 1.43 s. Since each block's selection writes into one reused buffer, blocks of 32 instead of 64 cut a
 4k prefill's growth on real text from 11.1 to 10.3 MiB, against 10.1 MiB for dense attention."""
 
@@ -43,8 +43,9 @@ KERNEL_SCORE_CHUNK = 32
 """Queries per selection chunk inside a block when the fused CPU kernels select and attend. A chunk's
 scores [Tc, S'] (or, past 3 * top_k keys, its candidates) are the selection's temporaries: 512 KiB at
 4k keys, where dense attention needs about 1 MiB beyond its output. With 4 indexer heads, 32 queries
-is the smallest chunk the fused kernel scores (more than FEW_QUERY_HEADS query heads); smaller
-chunks take the PyTorch product, whose per-head logits [S', Tc * HI] are as large as 64 queries' scores."""
+is the smallest chunk the fused kernel scores, because it needs more than FEW_QUERY_HEADS query heads.
+Smaller chunks take the PyTorch product, whose per-head logits [S', Tc * HI] are as large as 64
+queries' scores."""
 
 
 def _score_chunk(chunk_size: int, indexer_heads: int, keys: int) -> int:

@@ -53,7 +53,10 @@ def _kernel_rows(out: torch.Tensor) -> torch.Tensor:
         return out
     if out.dim() == 1 or out.is_contiguous():
         return out.view(-1, out.shape[-1])
-    raise ValueError(f"out of shape {tuple(out.shape)} and strides {out.stride()} must be contiguous beyond 3 dims.")
+    raise ValueError(
+        f"out of shape {tuple(out.shape)} and strides {out.stride()} is invalid: an out tensor of more than 3 dims "
+        "must be contiguous. Pass a contiguous tensor, or one of 2 or 3 dims."
+    )
 
 
 FEW_HEAD_DIMS = (16, 32, 64, 128)

@@ -150,7 +150,7 @@ def _topk_rows(scores: torch.Tensor, width: int, out: torch.Tensor | None = None
 
     fp32 scores on the CPU go to the C++ kernel (`dsa.ops.topk.cpu`), which writes into `out` directly.
     Otherwise each row takes `topk`'s set, which is the tie rule's set unless a score equal to the row's
-    k-th largest is left out; only such rows go through `_choose`. A row with fewer than `width` visible
+    k-th largest is left out. Only such rows go through `_choose`. A row with fewer than `width` visible
     keys (its k-th largest is -inf) keeps all of them.
     """
     count = min(width, scores.shape[-1])
