@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} is invalid; expected at least 1 token.")
     if not 0.0 <= args.depth <= 1.0:
         raise ValueError(f"--depth {args.depth} is invalid; expected a fraction from 0 (start) to 1 (end).")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top_k {args.top_k} is invalid; expected at least 1 key per query, or leave it out for the adapter's top_k.")
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logger.info("Loading %s with the indexer adapter %s", args.model, args.adapter)
     model, tokenizer = load(args.model, args.adapter, args.top_k, args.dense_layers, args.indexer_score_dtype)

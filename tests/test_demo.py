@@ -64,6 +64,7 @@ def test_demo_rejects_too_long_context(tiny_checkpoint, tmp_path):
     [
         (["--max_new_tokens", "0"], "--max_new_tokens 0 is invalid"),
         (["--depth", "2"], "--depth 2.0 is invalid"),
+        (["--top_k", "0"], "--top_k 0 is invalid"),
         (["--context_tokens", "10"], "use a length of at least"),
     ],
 )

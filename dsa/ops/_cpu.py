@@ -4,7 +4,10 @@ PyTorch compiles the kernels with the machine's C++ compiler the first time one 
 half a minute), with `-march=native`, and keeps the build in its extensions directory
 (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). The build's name includes a digest of
 the CPU's instruction-set flags, so a directory shared by different machines never hands one a binary
-built for the other.
+built for the other. It also includes a digest of the source's path and the Python environment.
+PyTorch rebuilds an extension whose build inputs (source, include paths) changed. Two checkouts or
+virtual environments on one machine would otherwise share one build, and each would rebuild it
+whenever the other had run last.
 
 Where the kernels cannot be built (no compiler or no ninja), `cpu_kernels()` logs a warning once and
 returns None, and every caller keeps its PyTorch path. Setting the environment variable
@@ -41,6 +44,14 @@ def _cpu_flags_digest() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def build_name() -> str:
+    """Return the extension's name: digests of the CPU flags and of this checkout and environment."""
+    import torch
+
+    place = f"{SOURCE.resolve()}|{sys.prefix}|{torch.__version__}"
+    return f"dsa_cpu_kernels_{_cpu_flags_digest()}_{hashlib.sha256(place.encode()).hexdigest()[:8]}"
+
+
 @functools.cache
 def cpu_kernels() -> ModuleType | None:
     """Return the compiled kernel module, building it on first call, or None where it cannot run."""
@@ -54,9 +65,9 @@ def cpu_kernels() -> ModuleType | None:
         bin_dir = str(Path(sys.executable).parent)
         if (Path(bin_dir) / "ninja").exists():
             os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    name = f"dsa_cpu_kernels_{_cpu_flags_digest()}"
+    name = build_name()
     if not _build_exists(name):
-        logger.info("Compiling the DSA CPU kernels (once per machine; about half a minute).")
+        logger.info("Compiling the DSA CPU kernels, once per checkout and Python environment (about half a minute).")
     try:
         return cpp_extension.load(
             name=name,

@@ -419,3 +419,12 @@ def test_selection_kernels_reject_bad_out():
     q, k, w = _indexer_inputs(1, 4, 400, 4, 32)
     with pytest.raises(ValueError, match=r"shape \(1, 4, 64\)"):
         select_chunk_cpu(q, k.transpose(1, 2), w, 396, 64, out=torch.empty(1, 5, 64, dtype=torch.int64))
+
+
+def test_build_name_differs_per_environment(monkeypatch):
+    """Two environments (or checkouts) on one machine get separate builds, so neither rebuilds the other's."""
+    first = cpu_module.build_name()
+    assert first.startswith("dsa_cpu_kernels_")
+    assert first == cpu_module.build_name()
+    monkeypatch.setattr(cpu_module.sys, "prefix", "/elsewhere/venv")
+    assert cpu_module.build_name() != first
