@@ -102,3 +102,18 @@ def test_prefill_rejects_mismatched_indexer_inputs():
     inputs["k_idx"] = inputs["k_idx"][:, :9]
     with pytest.raises(ValueError, match="do not match"):
         sparse_prefill_torch(**inputs, top_k=4)
+
+
+def test_union_path_blocks_of_one_tile(monkeypatch):
+    """Without the CPU attention kernel (head dim 16), CPU blocks hold one tile of the tile-union forward,
+    whatever chunk_size, so that the selection's scores and index sets stay one tile's."""
+    calls = []
+    original = prefill_module._union_forward
+    monkeypatch.setattr(prefill_module, "_union_forward", lambda q, *a, **kw: calls.append(q.shape[1]) or original(q, *a, **kw))
+    inputs = _inputs(1, 150, 150, seed=3)
+    with torch.no_grad():
+        out, counts = sparse_prefill_torch(**inputs, top_k=24, chunk_size=256)
+        expected_out, expected_counts = sparse_prefill_reference(**inputs, top_k=24)
+    assert calls == [64, 64, 22]
+    assert_close("out", out, expected_out, atol=2e-6, rtol=2e-6)
+    assert torch.equal(counts, expected_counts)
