@@ -233,17 +233,24 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
 def _fused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> torch.Tensor:
     """Return out [HKV, Tq * G, D] (fp32) of SDPA for q_tile [HKV, Tq * G, D] over k_sel, v_sel [HKV, U, D].
 
-    Query t may attend union key u when keep[t, u]. A query without keys gets 0.
+    Query t may attend union key u when keep[t, u]. A query without keys gets 0. The G query heads of a
+    kv head run as SDPA heads that share its keys (`enable_gqa`), so the [Tq, U] mask broadcasts over
+    them. Repeating it G times as [Tq * G, U] rows took 12 MiB per tile at Qwen3-4B shapes with 8k keys
+    on the CPU, against 3 to 4 MiB this way, for about 5% more time per tile.
+    NOTE: SDPA with both enable_gqa and a mask has only run on the CPU here, not on a GPU.
     """
-    mask = keep.repeat_interleave(groups, dim=0)  # [Tq * G, U], rows ordered (t, g)
+    kv_heads, rows, head_dim = q_tile.shape
+    tile = keep.shape[0]
     dtype = torch.float32
-    tile_out = torch.nn.functional.scaled_dot_product_attention(
-        q_tile.to(dtype).unsqueeze(0), k_sel.to(dtype).unsqueeze(0), v_sel.to(dtype).unsqueeze(0), attn_mask=mask, scale=scale
-    )[0]
-    empty = ~mask.any(dim=-1)
+    q_heads = q_tile.to(dtype).view(kv_heads, tile, groups, head_dim).transpose(1, 2)  # [HKV, G, Tq, D]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q_heads, k_sel.to(dtype).unsqueeze(1), v_sel.to(dtype).unsqueeze(1), attn_mask=keep, scale=scale, enable_gqa=True
+    )
+    tile_out = out.transpose(1, 2).reshape(kv_heads, rows, head_dim)  # rows ordered (t, g) again
+    empty = ~keep.any(dim=-1)
     if bool(empty.any()):
         # SDPA returns NaN for a row whose keys are all masked out.
-        tile_out[:, empty] = 0.0
+        tile_out.view(kv_heads, tile, groups, head_dim)[:, empty] = 0.0
     return tile_out
 
 
