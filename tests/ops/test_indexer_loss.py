@@ -44,6 +44,31 @@ def test_warmup_blockwise_equals_full_matrix(queries, keys, q_start):
         assert_close(f"d{name}", fast.grad, reference.grad, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("wanted", [2, 3, 4])
+def test_warmup_blockwise_one_gradient_requested(wanted):
+    # The blockwise loss writes its gradients by hand and skips those not requested: each alone must
+    # still equal the reference's.
+    inputs = _inputs(1, 40, 40, seed=wanted)
+    grads = []
+    for fn in (warmup_kl_reference, warmup_kl_blockwise):
+        leaves = [t.clone().requires_grad_(i == wanted) for i, t in enumerate(inputs)]
+        fn(*leaves, q_start=0).backward()
+        grads.append(leaves[wanted].grad)
+        assert all(leaf.grad is None for i, leaf in enumerate(leaves) if i != wanted)
+    assert_close("requested gradient", grads[1], grads[0], atol=1e-7, rtol=1e-5)
+
+
+def test_warmup_blockwise_bf16_indexer_inputs():
+    q, k, q_idx, k_idx, w = _inputs(1, 30, 30)
+    low = [t.to(torch.bfloat16) for t in (q_idx, k_idx, w)]
+    loss_ref, leaves_ref = _loss_and_grads(warmup_kl_reference, q, k, *[t.float() for t in low])
+    loss_fast, leaves_fast = _loss_and_grads(warmup_kl_blockwise, q, k, *low, chunk_elements=600)
+    assert_close("bf16 warm-up KL", loss_fast, loss_ref, atol=1e-6, rtol=1e-5)
+    for fast, reference in zip(leaves_fast[2:], leaves_ref[2:]):
+        assert fast.grad.dtype == torch.bfloat16
+        assert_close("bf16 gradient", fast.grad.float(), reference.grad.to(torch.bfloat16).float(), atol=1e-2, rtol=1e-2)
+
+
 def test_warmup_gradient_reaches_only_indexer():
     inputs = _inputs(1, 10, 10)
     for fn in (warmup_kl_reference, warmup_kl_blockwise):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsa.ops._checks import check_float, resolve_mask_args
-from dsa.ops.indexer_loss.torch import grouped_logits, head_mean_probs
+from dsa.ops.indexer_loss.torch import grouped_logits, head_mean_probs, logits_storage
 from dsa.ops.masks import query_is_kept, visible_keys
 from dsa.ops.topk.torch import _ascending_indices, _choose
 
@@ -21,6 +21,7 @@ def _head_mean_blocks(q, k, scale, q_start, key_padding_mask, attention_mask, ch
     scale = head_dim**-0.5 if scale is None else scale
     block = max(1, chunk_elements // max(1, batch * heads * keys))
     k_t = k.detach().float().permute(0, 2, 3, 1)  # [B, HKV, D, S]
+    storage = logits_storage(batch, heads, min(block, queries), keys, q.device)
     for start in range(0, queries, block):
         stop = min(start + block, queries)
         span = q_start + stop
@@ -28,7 +29,7 @@ def _head_mean_blocks(q, k, scale, q_start, key_padding_mask, attention_mask, ch
         padding = None if key_padding_mask is None else key_padding_mask[:, :span]
         rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
         visible = visible_keys(q_positions, span, padding, batch, rows_mask)
-        logits = grouped_logits(q[:, start:stop].detach(), k_t[..., :span], scale)
+        logits = grouped_logits(q[:, start:stop].detach(), k_t[..., :span], scale, storage)
         probs = head_mean_probs(logits, visible)
         has_key = visible.any(dim=-1)
         counted = query_is_kept(q_positions, key_padding_mask, batch) & has_key

@@ -3,9 +3,9 @@
 The warm-up KL runs over blocks of Tc queries, with Tc chosen so that one block's attention logits
 [B, Tc, H, S] stay under `chunk_elements`. Because the loss is a scalar, each block's gradients with
 respect to q_idx, k_idx and weights are computed in the forward pass, right after its loss (as fused
-linear-cross-entropy kernels do); the backward pass only scales them. So the attention target and the
-indexer logits of a block are computed once and freed before the next block: peak memory follows the
-block size, not T * S. The sparse KL works on the gathered [B, Tc, K] selection only, under
+linear-cross-entropy kernels do), by hand rather than by autograd; the backward pass only scales them.
+So the attention target and the indexer logits of a block are computed once, in two buffers that
+every block reuses: peak memory follows the block size, not T * S. The sparse KL works on the gathered [B, Tc, K] selection only, under
 non-reentrant activation checkpointing.
 """
 
@@ -15,7 +15,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dsa.ops._checks import check_attention_inputs, check_float, check_indexer_inputs, resolve_mask_args
-from dsa.ops.indexer.torch import index_scores_chunk
 from dsa.ops.masks import query_is_kept, visible_keys
 
 
@@ -29,34 +28,88 @@ def _block_kl(target: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) ->
 def head_mean_probs(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean over heads of masked softmax: logits [B, Tc, HKV, G, S'], keep [B, Tc, S'] -> [B, Tc, S'].
 
-    Rows without a visible key get all-zero probabilities. `logits` is overwritten.
+    Rows without a visible key get all-zero probabilities. `logits` is overwritten with the per-head
+    probabilities (the softmax runs in place, so a block needs no second buffer of its size).
     """
     bias = torch.zeros(keep.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~keep, float("-inf"))
     logits.add_(bias[:, :, None, None, :])
-    # A row of -inf gives NaN in softmax: only rows without any visible key, which must be zeros.
-    return torch.softmax(logits, dim=-1).mean(dim=(2, 3)).nan_to_num_(0.0)
+    # A row of -inf gives NaN here: only rows without any visible key, which must be zeros.
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    logits.div_(logits.sum(dim=-1, keepdim=True))
+    return logits.mean(dim=(2, 3)).nan_to_num_(0.0)
 
 
-def grouped_logits(q_block: torch.Tensor, k_t: torch.Tensor, scale: float) -> torch.Tensor:
+def grouped_logits(q_block: torch.Tensor, k_t: torch.Tensor, scale: float, storage: torch.Tensor | None = None) -> torch.Tensor:
     """Return attention logits [B, Tc, HKV, G, S'] (a permuted view) for q_block [B, Tc, H, D] and
-    k_t [B, HKV, D, S'], with one matmul per KV head so no key tensor is broadcast over queries."""
+    k_t [B, HKV, D, S'], with one matmul per KV head so no key tensor is broadcast over queries.
+
+    storage: optional flat fp32 tensor of at least B * H * Tc * S' values that holds the logits. A
+    blockwise pass reuses one across its blocks: a fresh tensor of this size per block (64 MiB at the
+    default budget) goes back to the operating system when freed, and zeroing its pages again on the
+    next block cost about half of the warm-up loss's time at 8192 tokens on a 2-core CPU.
+    """
     batch, width, heads, head_dim = q_block.shape
-    kv_heads = k_t.shape[1]
+    kv_heads, keys = k_t.shape[1], k_t.shape[-1]
     groups = heads // kv_heads
-    # [B, Tc, HKV, G, D] -> [B, HKV, Tc * G, D]
-    grouped = q_block.float().reshape(batch, width, kv_heads, groups, head_dim).permute(0, 2, 1, 3, 4)
+    # [B, Tc, HKV, G, D] -> [B, HKV, Tc * G, D], scaled here: D values per row instead of S'
+    grouped = (q_block.float() * scale).reshape(batch, width, kv_heads, groups, head_dim).permute(0, 2, 1, 3, 4)
     grouped = grouped.reshape(batch, kv_heads, width * groups, head_dim)
+    out = None
+    if storage is not None:
+        out = storage[: batch * kv_heads * width * groups * keys].view(batch, kv_heads, width * groups, keys)
     # [B, HKV, Tc * G, D] @ [B, HKV, D, S'] -> [B, HKV, Tc, G, S'] -> [B, Tc, HKV, G, S']
-    logits = torch.matmul(grouped, k_t) * scale
-    return logits.view(batch, kv_heads, width, groups, -1).permute(0, 2, 1, 3, 4)
+    logits = torch.matmul(grouped, k_t, out=out)
+    return logits.view(batch, kv_heads, width, groups, keys).permute(0, 2, 1, 3, 4)
 
 
-def _warmup_block_loss(q_block, k_t, q_idx_block, k_idx_t, weights_block, keep, counted, scale):
-    """Return the summed KL of the counted rows of one block (a scalar with grad to the indexer inputs)."""
+def logits_storage(batch: int, heads: int, block: int, keys: int, device: torch.device) -> torch.Tensor:
+    """Return the flat fp32 `storage` of `grouped_logits` for blocks of at most `block` queries."""
+    return torch.empty(batch * heads * block * keys, dtype=torch.float32, device=device)
+
+
+def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, keep, counted, scale, storage, need_grad):
+    """Return (summed KL of the counted rows, grad q_idx [B, Tc, HI, DI], grad k_idx_t [B, DI, S'],
+    grad weights [B, Tc, HI]) for one block, in fp32; a gradient not in `need_grad` is None.
+
+    The gradients are written out rather than taken with autograd, so the per-head indexer logits
+    [B, Tc * HI, S'] live in one buffer (`storage[1]`) that becomes their gradient in place. With
+    I[t, s] = c * sum_h w[t, h] * relu(q_idx[t, h] . k_idx[s]), c = (HI * DI)^-1/2, and
+    g[t, s] = softmax(I[t])[s] - target[t, s] on kept keys of counted rows (0 elsewhere):
+    dL/dw[t, h] = c * sum_s g[t, s] * relu(.), and the logits' gradient is c * w[t, h] * g[t, s] where
+    the logit is positive, from which q_idx and k_idx get theirs by two products.
+    """
+    batch, width, index_heads, index_dim = q_idx_block.shape
+    keys = k_idx_t.shape[-1]
     with torch.no_grad():
-        target = head_mean_probs(grouped_logits(q_block, k_t, scale), keep)
-    scores = index_scores_chunk(q_idx_block, k_idx_t, weights_block)
-    return (_block_kl(target, scores, keep) * counted).sum()
+        target = head_mean_probs(grouped_logits(q_block, k_t, scale, storage[0]), keep)
+        # [B, Tc * HI, DI] @ [B, DI, S'] -> [B, Tc * HI, S'], then ReLU in place
+        q_rows = q_idx_block.float().reshape(batch, width * index_heads, index_dim)
+        relu = storage[1][: batch * width * index_heads * keys].view(batch, width * index_heads, keys)
+        torch.bmm(q_rows, k_idx_t, out=relu).relu_()
+        per_head = relu.view(batch, width, index_heads, keys)
+        head_weights = weights_block.float() * (index_heads * index_dim) ** -0.5  # [B, Tc, HI]
+        # [B, Tc, 1, HI] @ [B, Tc, HI, S'] -> [B, Tc, S']
+        scores = torch.matmul(head_weights.unsqueeze(2), per_head).squeeze(2)
+        has_key = keep.any(dim=-1, keepdim=True)
+        log_pred = torch.log_softmax(scores.masked_fill_(~keep, float("-inf")).masked_fill_(~has_key, 0.0), dim=-1)
+        rows = (torch.xlogy(target, target) - target * log_pred.masked_fill(~keep, 0.0)).sum(dim=-1)
+        loss = (rows * counted).sum()
+        # g: the KL's gradient with respect to the scores, zero outside kept keys and counted rows.
+        grad_scores = log_pred.exp_().masked_fill_(~keep, 0.0).sub_(target).mul_(counted.unsqueeze(-1))
+        grad_weights = None
+        if need_grad[2]:
+            # [B, Tc, HI, S'] @ [B, Tc, S', 1] -> [B, Tc, HI]
+            grad_weights = torch.matmul(per_head, grad_scores.unsqueeze(-1)).squeeze(-1) * (index_heads * index_dim) ** -0.5
+        if not (need_grad[0] or need_grad[1]):
+            return loss, None, None, grad_weights
+        # The logits' gradient, in place of the ReLU output: (relu > 0) * w[t, h] * c * g[t, s].
+        per_head.sign_().mul_(head_weights.unsqueeze(-1)).mul_(grad_scores.unsqueeze(2))
+        grad_q = None
+        if need_grad[0]:
+            # [B, Tc * HI, S'] @ [B, S', DI] -> [B, Tc, HI, DI]
+            grad_q = torch.bmm(relu, k_idx_t.transpose(1, 2)).view(batch, width, index_heads, index_dim)
+        grad_k = torch.bmm(q_rows.transpose(1, 2), relu) if need_grad[1] else None  # [B, DI, S']
+        return loss, grad_q, grad_k, grad_weights
 
 
 class _WarmupKL(torch.autograd.Function):
@@ -74,6 +127,11 @@ class _WarmupKL(torch.autograd.Function):
                  for t, need in zip((q_idx, k_idx_t, weights), need_grad)]
         total = torch.zeros((), dtype=torch.float32, device=q.device)
         counted_total = 0
+        width = min(block, queries)
+        storage = (
+            logits_storage(batch, heads, width, keys, q.device),
+            logits_storage(batch, q_idx.shape[2], width, keys, q.device),
+        )
         for start in range(0, queries, block):
             stop = min(start + block, queries)
             span = q_start + stop  # later keys are invisible to every query of the block
@@ -82,21 +140,15 @@ class _WarmupKL(torch.autograd.Function):
             rows_mask = None if attention_mask is None else attention_mask[:, start:stop, :span]
             keep = visible_keys(q_positions, span, padding, batch, rows_mask)
             counted = query_is_kept(q_positions, key_padding_mask, batch) & keep.any(dim=-1)
-            leaves = [
-                q_idx[:, start:stop].detach().requires_grad_(need_grad[0]),
-                k_idx_t[..., :span].detach().requires_grad_(need_grad[1]),
-                weights[:, start:stop].detach().requires_grad_(need_grad[2]),
-            ]
-            with torch.enable_grad():
-                block_loss = _warmup_block_loss(q[:, start:stop], k_t[..., :span], leaves[0], leaves[1], leaves[2], keep, counted, scale)
-                requested = [leaf for leaf, need in zip(leaves, need_grad) if need]
-                block_grads = iter(torch.autograd.grad(block_loss, requested)) if requested else iter(())
+            block_loss, *block_grads = _warmup_block(
+                q[:, start:stop], k_t[..., :span], q_idx[:, start:stop], k_idx_t[..., :span],
+                weights[:, start:stop], keep, counted, scale, storage, need_grad,
+            )
             for index, need in enumerate(need_grad):
                 if need:
-                    target = grads[index]
-                    view = target[:, start:stop] if index != 1 else target[..., :span]
-                    view.add_(next(block_grads))
-            total += block_loss.detach()
+                    view = grads[index][:, start:stop] if index != 1 else grads[index][..., :span]
+                    view.add_(block_grads[index])
+            total += block_loss
             counted_total += int(counted.sum())
         denominator = max(counted_total, 1)
         ctx.save_for_backward(*[g / denominator if g is not None else torch.empty(0) for g in grads])
