@@ -84,9 +84,9 @@ def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, keep, count
         target = head_mean_probs(grouped_logits(q_block, k_t, scale, storage[0]), keep)
         # [B, Tc * HI, DI] @ [B, DI, S'] -> [B, Tc * HI, S'], then ReLU in place
         q_rows = q_idx_block.float().reshape(batch, width * index_heads, index_dim)
-        relu = storage[1][: batch * width * index_heads * keys].view(batch, width * index_heads, keys)
-        torch.bmm(q_rows, k_idx_t, out=relu).relu_()
-        per_head = relu.view(batch, width, index_heads, keys)
+        index_logits = storage[1][: batch * width * index_heads * keys].view(batch, width * index_heads, keys)
+        torch.bmm(q_rows, k_idx_t, out=index_logits).relu_()
+        per_head = index_logits.view(batch, width, index_heads, keys)
         head_weights = weights_block.float() * (index_heads * index_dim) ** -0.5  # [B, Tc, HI]
         # [B, Tc, 1, HI] @ [B, Tc, HI, S'] -> [B, Tc, S']
         scores = torch.matmul(head_weights.unsqueeze(2), per_head).squeeze(2)
@@ -102,13 +102,13 @@ def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, keep, count
             grad_weights = torch.matmul(per_head, grad_scores.unsqueeze(-1)).squeeze(-1) * (index_heads * index_dim) ** -0.5
         if not (need_grad[0] or need_grad[1]):
             return loss, None, None, grad_weights
-        # The logits' gradient, in place of the ReLU output: (relu > 0) * w[t, h] * c * g[t, s].
+        # From here index_logits holds its own gradient: (logit > 0) * c * w[t, h] * g[t, s].
         per_head.sign_().mul_(head_weights.unsqueeze(-1)).mul_(grad_scores.unsqueeze(2))
         grad_q = None
         if need_grad[0]:
             # [B, Tc * HI, S'] @ [B, S', DI] -> [B, Tc, HI, DI]
-            grad_q = torch.bmm(relu, k_idx_t.transpose(1, 2)).view(batch, width, index_heads, index_dim)
-        grad_k = torch.bmm(q_rows.transpose(1, 2), relu) if need_grad[1] else None  # [B, DI, S']
+            grad_q = torch.bmm(index_logits, k_idx_t.transpose(1, 2)).view(batch, width, index_heads, index_dim)
+        grad_k = torch.bmm(q_rows.transpose(1, 2), index_logits) if need_grad[1] else None  # [B, DI, S']
         return loss, grad_q, grad_k, grad_weights
 
 
