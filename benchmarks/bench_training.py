@@ -11,7 +11,7 @@ Each case runs in a fresh child process that reports its wall time and the growt
 high-water mark (VmHWM) over the RSS just before the timed call. Before timing, the loss and its
 gradients are compared with `warmup_kl_reference` at 300 tokens; a failed check exits with status 1.
 The table gives the peak growth of both paths, their ratio, and the least-squares slope of the warm-up
-peak against T (MiB per 1024 tokens).
+peak against T (MiB per 1024 tokens). A PNG next to the JSON plots memory and time against T.
 
     python benchmarks/bench_training.py                       # T = 2k, 4k, 8k, 16k at SmolLM2 shapes
     python benchmarks/bench_training.py --shape qwen3-4b --tokens 4096 16384
@@ -112,6 +112,37 @@ def slope_mib_per_1k(points: list[tuple[int, float]]) -> float | None:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
 
 
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    """Plot peak memory growth (MiB) and time (s) against T for both paths, as one PNG with two panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = {"dense": "dense attention forward (SDPA)", "warmup": "warm-up loss, forward and backward"}
+    for case, marker in (("dense", "o"), ("warmup", "s")):
+        rows = [r for r in results["cases"] if r["path"] == case and r["status"] == "ok"]
+        tokens = [r["tokens"] for r in rows]
+        axes[0].plot(tokens, [(r["peak_growth_bytes"] or 0) / MIB for r in rows], marker=marker, label=labels[case])
+        axes[1].plot(tokens, [r["seconds"] for r in rows], marker=marker, label=labels[case])
+    for axis, label in zip(axes, ("peak resident-set growth (MiB)", "wall time (s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("tokens T = S")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    axes[1].set_yscale("log")
+    settings = results["settings"]
+    figure.suptitle(
+        f"Warm-up loss against dense attention, {settings['shape']} layer, fp32 CPU, "
+        f"block budget {settings['chunk_elements']} elements"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Peak memory (MiB) and time (s) of the warm-up loss against one dense attention forward, fp32 on the CPU.")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m", help="layer shape (default smollm2-135m)")
@@ -122,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--case_timeout", type=float, default=1800.0, help="limit of one case (seconds, default 1800)")
-    parser.add_argument("--output", type=Path, help="raw JSON output (default bench-results/training-SHAPE.json)")
+    parser.add_argument(
+        "--output", type=Path,
+        help="raw JSON output (default bench-results/training-SHAPE.json); a PNG plot is written next to it",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     return parser
 
@@ -178,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{results['dense_slope_mib_per_1k_tokens']} MiB per 1024 tokens")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"raw results   {output}")
+    plot = output.with_suffix(".png")
+    write_plot(results, plot)
+    print(f"raw results   {output}\nplot          {plot}")
     return 1 if any(r["status"] != "ok" for r in results["cases"]) else 0
 
 
