@@ -49,5 +49,6 @@ def test_training_benchmark_reports_slope(tmp_path):
     assert [case["path"] for case in results["cases"]] == ["dense", "warmup", "dense", "warmup"]
     assert results["warmup_slope_mib_per_1k_tokens"] is not None
     plot = output.with_suffix(".png")
-    assert plot.is_file() and plot.stat().st_size > 0, "no plot next to the JSON"
+    assert plot.is_file(), "no plot next to the JSON"
+    assert plot.stat().st_size > 0, "empty plot"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["training.json", "training.png"]

@@ -43,10 +43,10 @@ def grouped_logits(q_block: torch.Tensor, k_t: torch.Tensor, scale: float, stora
     """Return attention logits [B, Tc, HKV, G, S'] (a permuted view) for q_block [B, Tc, H, D] and
     k_t [B, HKV, D, S'], with one matmul per KV head so no key tensor is broadcast over queries.
 
-    storage: optional flat fp32 tensor of at least B * H * Tc * S' values that holds the logits. A
+    storage: optional flat fp32 tensor of at least B * H * Tc * S' values that receives the logits. A
     blockwise pass reuses one across its blocks: a fresh tensor of this size per block (64 MiB at the
     default budget) goes back to the operating system when freed, and zeroing its pages again on the
-    next block cost about half of the warm-up loss's time at 8192 tokens on a 2-core CPU.
+    next block cost up to half of the warm-up loss's time at 8192 tokens on a busy 2-core CPU.
     """
     batch, width, heads, head_dim = q_block.shape
     kv_heads, keys = k_t.shape[1], k_t.shape[-1]
@@ -102,7 +102,7 @@ def _warmup_block(q_block, k_t, q_idx_block, k_idx_t, weights_block, keep, count
             grad_weights = torch.matmul(per_head, grad_scores.unsqueeze(-1)).squeeze(-1) * (index_heads * index_dim) ** -0.5
         if not (need_grad[0] or need_grad[1]):
             return loss, None, None, grad_weights
-        # From here index_logits holds its own gradient: (logit > 0) * c * w[t, h] * g[t, s].
+        # From here index_logits contains its own gradient: (logit > 0) * c * w[t, h] * g[t, s].
         per_head.sign_().mul_(head_weights.unsqueeze(-1)).mul_(grad_scores.unsqueeze(2))
         grad_q = None
         if need_grad[0]:
