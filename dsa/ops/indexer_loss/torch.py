@@ -3,10 +3,10 @@
 The warm-up KL runs over blocks of Tc queries, with Tc chosen so that one block's attention logits
 [B, Tc, H, S] stay under `chunk_elements`. Because the loss is a scalar, each block's gradients with
 respect to q_idx, k_idx and weights are computed in the forward pass, right after its loss (as fused
-linear-cross-entropy kernels do), by hand rather than by autograd; the backward pass only scales them.
+linear-cross-entropy kernels do), by hand rather than by autograd. The backward pass only scales them.
 So the attention target and the indexer logits of a block are computed once, in two buffers that
-every block reuses: peak memory follows the block size, not T * S. The sparse KL works on the gathered [B, Tc, K] selection only, under
-non-reentrant activation checkpointing.
+every block reuses, and peak memory follows the block size, not T * S. The sparse KL works on the
+gathered [B, Tc, K] selection only, under non-reentrant activation checkpointing.
 """
 
 from __future__ import annotations
