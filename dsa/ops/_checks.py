@@ -111,10 +111,16 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
 
 
 def check_index_out(out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    """Raise ValueError unless `out`, a buffer the selection writes, is int64 on `device`, of `shape`,
-    with unit stride along its last dim (its other strides are free: a slice of a larger buffer works)."""
-    if out.dtype != torch.int64 or out.device != device or tuple(out.shape) != tuple(shape) or out.stride(-1) != 1:
+    """Raise ValueError unless `out`, a buffer the selection writes, is int64 or int32 on `device`, of
+    `shape`, with unit stride along its last dim (its other strides are free: a slice of a larger buffer
+    works)."""
+    if (
+        out.dtype not in (torch.int64, torch.int32)
+        or out.device != device
+        or tuple(out.shape) != tuple(shape)
+        or out.stride(-1) != 1
+    ):
         raise ValueError(
             f"out has dtype {out.dtype}, device {out.device}, shape {tuple(out.shape)} and strides {out.stride()}; "
-            f"expected int64 on {device}, shape {tuple(shape)} and unit stride along the last dim."
+            f"expected int64 or int32 on {device}, shape {tuple(shape)} and unit stride along the last dim."
         )

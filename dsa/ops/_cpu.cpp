@@ -480,12 +480,31 @@ void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const 
     }
 }
 
-// Lists the valid (non-negative) entries of idx[0 .. slots) in valid; returns how many there are.
-inline int64_t list_valid(const int64_t* idx, int64_t slots, int64_t* valid) {
+// Index rows of int32 or int64 keys, as the caller passed them: the fused prefill's buffer is int32.
+struct IndexRows {
+  const void* ptr;
+  bool narrow;  // int32 entries
+  int64_t slots;
+};
+
+IndexRows index_rows(const torch::Tensor& indices) {
+  const bool narrow = indices.scalar_type() == torch::kInt32;
+  return {narrow ? static_cast<const void*>(indices.data_ptr<int32_t>()) : indices.data_ptr<int64_t>(), narrow,
+          indices.size(2)};
+}
+
+template <typename I>
+inline int64_t list_valid(const I* idx, int64_t slots, int64_t* valid) {
   int64_t count = 0;
   for (int64_t i = 0; i < slots; ++i)
     if (idx[i] >= 0) valid[count++] = idx[i];
   return count;
+}
+
+// Lists the valid (non-negative) entries of index row `row` in valid; returns how many there are.
+inline int64_t list_valid(const IndexRows& rows, int64_t row, int64_t* valid) {
+  if (rows.narrow) return list_valid(static_cast<const int32_t*>(rows.ptr) + row * rows.slots, rows.slots, valid);
+  return list_valid(static_cast<const int64_t*>(rows.ptr) + row * rows.slots, rows.slots, valid);
 }
 
 inline void load_query(const float* q, int g_heads, int dv, float scale, vec* out) {
@@ -504,7 +523,7 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   const float* q_ptr = q.data_ptr<float>();
   const float* k_ptr = k.data_ptr<float>();
   const float* v_ptr = v.data_ptr<float>();
-  const int64_t* idx_ptr = indices.data_ptr<int64_t>();
+  const IndexRows idx_rows = index_rows(indices);
   float* out_ptr = out.data_ptr<float>();
   const int64_t items = batch * queries * kv_heads;
   const int64_t threads = at::get_num_threads();
@@ -523,7 +542,7 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t item = unit / parts, part = unit % parts;
         const int64_t row = item / kv_heads, g = item % kv_heads, b = row / queries;
-        const int64_t count = list_valid(idx_ptr + row * slots, slots, valid.data());
+        const int64_t count = list_valid(idx_rows, row, valid.data());
         const int64_t first = count * part / parts, last = count * (part + 1) / parts;
         float* m = part_max.data() + unit * G;
         float* l = part_sum.data() + unit * G;
@@ -578,7 +597,7 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       const int64_t g = in_tile / ROW_TILE, row = tile * ROW_TILE + in_tile % ROW_TILE;
       if (row >= rows) continue;  // past the last row of a partial tile
       const int64_t b = row / queries;
-      const int64_t count = list_valid(idx_ptr + row * slots, slots, valid.data());
+      const int64_t count = list_valid(idx_rows, row, valid.data());
       float* out_head = out_ptr + (row * heads + g * G) * head_dim;
       if (count == 0) {  // no key: the row's output is 0, as in the reference
         std::fill(out_head, out_head + G * head_dim, 0.0f);
@@ -596,13 +615,14 @@ void sparse_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
 
 // Sparse attention forward, fp32. q is [B, T, H, D] (made contiguous). k and v are [B, S, HKV, D] with unit
 // stride along D and any other strides, such as a transposed [B, HKV, S, D] cache. indices is [B, T, K] int64
-// with -1 in empty slots. Query head h reads kv head h / G, G = H / HKV. Supported: G in 1..4 and 8, D in 64
+// or int32 with -1 in empty slots. Query head h reads kv head h / G, G = H / HKV. Supported: G in 1..4 and 8, D in 64
 // and 128. sparse_attention_cpu_applies() in dsa/ops/sparse_attention/cpu.py checks this before calling.
 torch::Tensor sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor indices,
                                double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
               "sparse_attention expects fp32 q, k and v");
-  TORCH_CHECK(indices.dtype() == torch::kInt64, "sparse_attention expects int64 indices");
+  TORCH_CHECK(indices.dtype() == torch::kInt64 || indices.dtype() == torch::kInt32,
+              "sparse_attention expects int64 or int32 indices");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "sparse_attention expects unit stride along D");
   q = q.contiguous();
   indices = indices.contiguous();
@@ -627,13 +647,13 @@ namespace {
 constexpr int64_t SAMPLE_STRIDE = 16;  // every 16th score forms a row's sample
 constexpr int64_t SAMPLED_MIN_SPAN = 3;  // rows of at least 3 * count keys are sampled
 
-// Scratch of select_row for rows of up to `span` keys: candidate keys, their scores in key order, the
-// row's sample, and the values kth_largest reorders.
+// Scratch of select_row for rows of up to `span` keys (fewer than 2^31): candidate keys, their scores in
+// key order, the row's sample (every SAMPLE_STRIDE-th score), and the values kth_largest reorders.
 struct RowScratch {
   explicit RowScratch(int64_t span)
-      : idx(static_cast<size_t>(span)), val(static_cast<size_t>(span)), sample(static_cast<size_t>(span)),
-        bucket(static_cast<size_t>(span)) {}
-  std::vector<int64_t> idx;
+      : idx(static_cast<size_t>(span)), val(static_cast<size_t>(span)),
+        sample(static_cast<size_t>((span + SAMPLE_STRIDE - 1) / SAMPLE_STRIDE)), bucket(static_cast<size_t>(span)) {}
+  std::vector<int32_t> idx;
   std::vector<float> val, sample, bucket;
 };
 
@@ -681,8 +701,9 @@ float kth_largest(const float* values, int64_t n, int64_t k, float* bucket) {
 // Writes the `count` selected keys among n candidates (keys cand_idx in ascending order, scores cand_val)
 // to out: every candidate above the count-th largest score, then the lowest-index ones equal to it,
 // then -1 in the slots left. -inf scores are never selected. bucket is scratch of n floats.
-void select_candidates(const int64_t* cand_idx, const float* cand_val, int64_t n, int64_t count, float* bucket,
-                       int64_t* out) {
+template <typename I>
+void select_candidates(const int32_t* cand_idx, const float* cand_val, int64_t n, int64_t count, float* bucket,
+                       I* out) {
   const int64_t k = std::min(count, n);
   const float kth = kth_largest(cand_val, n, k, bucket);
   int64_t above = 0;
@@ -702,8 +723,9 @@ void select_candidates(const int64_t* cand_idx, const float* cand_val, int64_t n
 // Writes row's `count` selected keys to out in ascending order, -1 after the last, following the
 // reference's rule: every score above the count-th largest, then the lowest-index keys equal to it.
 // Invisible keys are -inf and never selected. scratch has room for at least span entries.
-void select_row(const float* row, int64_t span, int64_t count, int64_t* out, RowScratch& scratch) {
-  int64_t* cand_idx = scratch.idx.data();
+template <typename I>
+void select_row(const float* row, int64_t span, int64_t count, I* out, RowScratch& scratch) {
+  int32_t* cand_idx = scratch.idx.data();
   float* cand_val = scratch.val.data();
   int64_t n = 0;
   if (span >= SAMPLED_MIN_SPAN * count) {
@@ -719,7 +741,7 @@ void select_row(const float* row, int64_t span, int64_t count, int64_t* out, Row
       // Without a branch: every key is written, and the count moves on only for those at or above the bound.
       for (int64_t i = 0; i < span; ++i) {
         const float value = row[i];
-        cand_idx[n] = i;
+        cand_idx[n] = static_cast<int32_t>(i);
         cand_val[n] = value;
         n += value >= bound;
       }
@@ -727,7 +749,7 @@ void select_row(const float* row, int64_t span, int64_t count, int64_t* out, Row
     }
   }
   if (n == 0) {
-    for (int64_t i = 0; i < span; ++i) cand_idx[i] = i;
+    for (int64_t i = 0; i < span; ++i) cand_idx[i] = static_cast<int32_t>(i);
     std::memcpy(cand_val, row, span * sizeof(float));
     n = span;
   }
@@ -738,24 +760,36 @@ void select_row(const float* row, int64_t span, int64_t count, int64_t* out, Row
 
 namespace {
 
-// Rows of an int64 index tensor that a selection kernel writes: [R, count] or [B, Tc, count] with
-// B * Tc = R, unit stride along count and any row strides, such as a slice of a larger buffer.
+// Rows of an index tensor (int64 or int32, I) that a selection kernel writes: [R, count] or [B, Tc, count]
+// with B * Tc = R, unit stride along count and any row strides, such as a slice of a larger buffer.
+template <typename I>
 struct RowOut {
-  int64_t* ptr;
+  I* ptr;
   int64_t inner, outer_stride, inner_stride;
-  int64_t* row(int64_t r) const { return ptr + (r / inner) * outer_stride + (r % inner) * inner_stride; }
+  I* row(int64_t r) const { return ptr + (r / inner) * outer_stride + (r % inner) * inner_stride; }
 };
 
-RowOut row_out(torch::Tensor& out, int64_t rows, int64_t count, const char* name) {
-  TORCH_CHECK(out.dtype() == torch::kInt64 && out.device().is_cpu(), name, " expects an int64 CPU out tensor");
+void check_row_out(const torch::Tensor& out, int64_t rows, int64_t count, const char* name) {
+  TORCH_CHECK((out.dtype() == torch::kInt64 || out.dtype() == torch::kInt32) && out.device().is_cpu(), name,
+              " expects an int64 or int32 CPU out tensor");
   TORCH_CHECK((out.dim() == 2 || out.dim() == 3) && out.size(-1) == count && out.stride(-1) == 1, name,
               " expects out [R, count] or [B, Tc, count] with unit stride along count");
-  if (out.dim() == 2) {
-    TORCH_CHECK(out.size(0) == rows, name, " expects ", rows, " rows in out, got ", out.size(0));
-    return {out.data_ptr<int64_t>(), std::max<int64_t>(rows, 1), 0, out.stride(0)};
-  }
-  TORCH_CHECK(out.size(0) * out.size(1) == rows, name, " expects ", rows, " rows in out, got ", out.size(0) * out.size(1));
-  return {out.data_ptr<int64_t>(), std::max<int64_t>(out.size(1), 1), out.stride(0), out.stride(1)};
+  const int64_t got = out.dim() == 2 ? out.size(0) : out.size(0) * out.size(1);
+  TORCH_CHECK(got == rows, name, " expects ", rows, " rows in out, got ", got);
+}
+
+template <typename I>
+RowOut<I> row_out(torch::Tensor& out, int64_t rows) {
+  if (out.dim() == 2) return {out.data_ptr<I>(), std::max<int64_t>(rows, 1), 0, out.stride(0)};
+  return {out.data_ptr<I>(), std::max<int64_t>(out.size(1), 1), out.stride(0), out.stride(1)};
+}
+
+template <typename I>
+void select_rows_impl(const float* score_ptr, int64_t rows, int64_t span, int64_t count, const RowOut<I>& dest) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    RowScratch scratch(span);
+    for (int64_t r = begin; r < end; ++r) select_row(score_ptr + r * span, span, count, dest.row(r), scratch);
+  });
 }
 
 }  // namespace
@@ -768,12 +802,11 @@ torch::Tensor select_rows(torch::Tensor scores, int64_t count, torch::Tensor out
   TORCH_CHECK(count >= 1 && count <= scores.size(1), "select_rows expects 1 <= count <= S'");
   scores = scores.contiguous();
   const int64_t rows = scores.size(0), span = scores.size(1);
-  const RowOut dest = row_out(out, rows, count, "select_rows");
+  TORCH_CHECK(span <= INT32_MAX, "select_rows expects fewer than 2^31 keys");
+  check_row_out(out, rows, count, "select_rows");
   const float* score_ptr = scores.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    RowScratch scratch(span);
-    for (int64_t r = begin; r < end; ++r) select_row(score_ptr + r * span, span, count, dest.row(r), scratch);
-  });
+  if (out.dtype() == torch::kInt32) select_rows_impl(score_ptr, rows, span, count, row_out<int32_t>(out, rows));
+  else select_rows_impl(score_ptr, rows, span, count, row_out<int64_t>(out, rows));
   return out;
 }
 
@@ -793,7 +826,7 @@ bool select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int
   const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
   const int64_t span = k_t.size(2);
   TORCH_CHECK(span <= INT32_MAX, "select_chunk expects fewer than 2^31 keys");
-  const RowOut dest = row_out(out, batch * queries, count, "select_chunk");
+  check_row_out(out, batch * queries, count, "select_chunk");
   if (std::min(span, first + 1) < SAMPLED_MIN_SPAN * count) return false;
   const KeySource src = key_source(k_t);
   const float* w_ptr = w.data_ptr<float>();
@@ -879,47 +912,52 @@ bool select_chunk(torch::Tensor q_in, torch::Tensor k_t, torch::Tensor w_in, int
     }
   });
 
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    // Scratch sized by the candidates; span-sized scratch only for a row scored in full.
-    std::vector<int64_t> idx;
-    std::vector<float> val, bucket, packed, full_row;
-    std::unique_ptr<RowScratch> scratch;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / queries, t = r % queries, seen = visible(r);
-      int64_t n = 0;
-      for (int64_t part = 0; part < parts; ++part) n += static_cast<int64_t>(cand_idx[(b * parts + part) * queries + t].size());
-      if (static_cast<int64_t>(idx.size()) < n) {
-        idx.resize(n);
-        val.resize(n);
-        bucket.resize(n);
-      }
-      n = 0;
-      for (int64_t part = 0; part < parts; ++part) {
-        const size_t list = static_cast<size_t>((b * parts + part) * queries + t);
-        std::copy(cand_idx[list].begin(), cand_idx[list].end(), idx.begin() + n);
-        std::copy(cand_val[list].begin(), cand_val[list].end(), val.begin() + n);
-        n += static_cast<int64_t>(cand_idx[list].size());
-      }
-      int64_t* row_dest = dest.row(r);
-      if (n < count) {
-        if (!scratch) scratch = std::make_unique<RowScratch>(span);
-        // The bound admitted too few keys: score this row in full and select as select_rows does.
-        packed.resize(static_cast<size_t>(head_dim * KEY_BLOCK));
-        full_row.resize(static_cast<size_t>(blocks * KEY_BLOCK));
-        std::vector<float> q_row(static_cast<size_t>(heads * head_dim));
-        pack_queries(q.data_ptr<float>() + r * heads * head_dim, 1, heads, head_dim, q_row.data());
-        for (int64_t block = 0; block < blocks; ++block) {
-          const int64_t lo = block * KEY_BLOCK, n_keys = std::min(KEY_BLOCK, span - lo);
-          pack_keys(src, b, lo, 1, n_keys, packed.data());
-          score_block(q_row.data(), w_ptr + r * heads, 1, heads, head_dim, round, packed.data(),
-                      (n_keys + GROUP - 1) / GROUP, full_row.data() + lo, KEY_BLOCK);
+  // The selection of each row, written as the out tensor's index type.
+  auto select_all = [&](const auto& dest) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      // Scratch sized by the candidates; span-sized scratch only for a row scored in full.
+      std::vector<int32_t> idx;
+      std::vector<float> val, bucket, packed, full_row;
+      std::unique_ptr<RowScratch> scratch;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / queries, t = r % queries, seen = visible(r);
+        int64_t n = 0;
+        for (int64_t part = 0; part < parts; ++part) n += static_cast<int64_t>(cand_idx[(b * parts + part) * queries + t].size());
+        if (static_cast<int64_t>(idx.size()) < n) {
+          idx.resize(n);
+          val.resize(n);
+          bucket.resize(n);
         }
-        select_row(full_row.data(), seen, count, row_dest, *scratch);
-        continue;
+        n = 0;
+        for (int64_t part = 0; part < parts; ++part) {
+          const size_t list = static_cast<size_t>((b * parts + part) * queries + t);
+          std::copy(cand_idx[list].begin(), cand_idx[list].end(), idx.begin() + n);
+          std::copy(cand_val[list].begin(), cand_val[list].end(), val.begin() + n);
+          n += static_cast<int64_t>(cand_idx[list].size());
+        }
+        auto* row_dest = dest.row(r);
+        if (n < count) {
+          if (!scratch) scratch = std::make_unique<RowScratch>(span);
+          // The bound admitted too few keys: score this row in full and select as select_rows does.
+          packed.resize(static_cast<size_t>(head_dim * KEY_BLOCK));
+          full_row.resize(static_cast<size_t>(blocks * KEY_BLOCK));
+          std::vector<float> q_row(static_cast<size_t>(heads * head_dim));
+          pack_queries(q.data_ptr<float>() + r * heads * head_dim, 1, heads, head_dim, q_row.data());
+          for (int64_t block = 0; block < blocks; ++block) {
+            const int64_t lo = block * KEY_BLOCK, n_keys = std::min(KEY_BLOCK, span - lo);
+            pack_keys(src, b, lo, 1, n_keys, packed.data());
+            score_block(q_row.data(), w_ptr + r * heads, 1, heads, head_dim, round, packed.data(),
+                        (n_keys + GROUP - 1) / GROUP, full_row.data() + lo, KEY_BLOCK);
+          }
+          select_row(full_row.data(), seen, count, row_dest, *scratch);
+          continue;
+        }
+        select_candidates(idx.data(), val.data(), n, count, bucket.data(), row_dest);
       }
-      select_candidates(idx.data(), val.data(), n, count, bucket.data(), row_dest);
-    }
-  });
+    });
+  };
+  if (out.dtype() == torch::kInt32) select_all(row_out<int32_t>(out, rows));
+  else select_all(row_out<int64_t>(out, rows));
   return true;
 }
 
@@ -1009,6 +1047,7 @@ torch::Tensor select_few(torch::Tensor q, torch::Tensor k, torch::Tensor w, int6
   w = w.contiguous();
   const int64_t batch = q.size(0), queries = q.size(1), heads = q.size(2), head_dim = q.size(3);
   const int64_t span = std::min<int64_t>(k.size(1), first + queries);
+  TORCH_CHECK(span <= INT32_MAX, "select_few expects fewer than 2^31 keys");
   TORCH_CHECK(k.size(0) == batch && k.size(2) == head_dim && w.size(0) == batch && w.size(1) == queries &&
                   w.size(2) == heads && first >= 0 && count >= 1,
               "select_few got mismatched shapes or arguments");

@@ -264,15 +264,16 @@ def _attention_inputs(batch, queries, keys, heads, kv_heads, head_dim, slots, se
     return q, k, v, indices
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (32, 8, 128), (4, 4, 64), (8, 1, 128), (4, 2, 64)]
 )
-def test_sparse_attention_kernel_matches_reference(heads, kv_heads, head_dim):
+def test_sparse_attention_kernel_matches_reference(heads, kv_heads, head_dim, dtype):
     q, k, v, indices = _attention_inputs(2, 21, 300, heads, kv_heads, head_dim, 70, seed=heads)
     indices[0, 3, 40:] = -1  # a partly filled row
     indices[1, 5] = -1  # a row without keys gives 0
     indices[1, 6, :10] = -1  # empty slots first
-    actual = sparse_attention_cpu(q, k, v, indices, head_dim**-0.5)
+    actual = sparse_attention_cpu(q, k, v, indices.to(dtype), head_dim**-0.5)
     torch.testing.assert_close(actual, sparse_attention_reference(q, k, v, indices), rtol=1e-5, atol=1e-5)
     assert torch.equal(actual[1, 5], torch.zeros_like(actual[1, 5]))
 
@@ -336,9 +337,10 @@ def test_sparse_attention_kernel_choice_by_head_dim():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fused_prefill_with_kernels(monkeypatch, batch):
     """Blocks take the causal prefix, then full scores, then select_chunk (from 3 * top_k keys on), and
-    all of them write into the prefill's one index buffer. With two sequences its blocks are strided."""
+    all of them write into the prefill's one index buffer, int32 for the kernel. With two sequences its
+    blocks are strided."""
     calls = []
-    monkeypatch.setattr(prefill_module, "sparse_attention_cpu", lambda *a: calls.append(1) or sparse_attention_cpu(*a))
+    monkeypatch.setattr(prefill_module, "sparse_attention_cpu", lambda *a: calls.append(a[3].dtype) or sparse_attention_cpu(*a))
     q, k, v, _ = _attention_inputs(batch, 300, 300, 9, 3, 64, 1)
     q_idx, k_idx, w = _indexer_inputs(batch, 300, 300, 4, 32, seed=9)
     with torch.no_grad():
@@ -348,7 +350,7 @@ def test_fused_prefill_with_kernels(monkeypatch, batch):
     assert torch.equal(counts, (indices >= 0).sum(dim=-1))
     # chunk_size 128, but blocks of at most KERNEL_BLOCK queries with the kernel.
     assert prefill_module.KERNEL_BLOCK < 128
-    assert len(calls) == math.ceil(300 / prefill_module.KERNEL_BLOCK)
+    assert calls == [torch.int32] * math.ceil(300 / prefill_module.KERNEL_BLOCK)
 
 
 def test_build_failure_falls_back_to_pytorch(monkeypatch, caplog):
@@ -386,19 +388,21 @@ def test_environment_variable_turns_the_kernels_off(monkeypatch):
     assert cpu_module.cpu_kernels() is not None
 
 
-def test_selection_kernels_write_into_slice():
-    """With `out`, select_rows and select_chunk write rows of a strided slice and nothing else of the buffer."""
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_selection_kernels_write_into_slice(dtype):
+    """With `out` (int64 or int32), select_rows and select_chunk write rows of a strided slice and nothing
+    else of the buffer."""
     count, first, queries = 64, 1000, 21
     q, k, w = _indexer_inputs(2, queries, 1333, 4, 32, seed=8)
     k_t = k.transpose(1, 2)
-    buffer = torch.full((2, queries + 5, count + 9), 7777, dtype=torch.int64)
+    buffer = torch.full((2, queries + 5, count + 9), 7777, dtype=dtype)
     target = buffer[:, 3 : 3 + queries, 2 : 2 + count]
     assert select_chunk_cpu(q, k_t, w, first, count, out=target) is target
-    assert torch.equal(target, _chunk_expected(q, k_t, w, first, count))
+    assert torch.equal(target.long(), _chunk_expected(q, k_t, w, first, count))
     scores = torch.randn(2, queries, 900, generator=torch.Generator().manual_seed(3))
     rows_target = buffer[:, 3 : 3 + queries, 2 : 2 + count]
     assert select_rows_cpu(scores, count, out=rows_target) is rows_target
-    assert torch.equal(rows_target, _rule(scores, count))
+    assert torch.equal(rows_target.long(), _rule(scores, count))
     outside = torch.ones_like(buffer, dtype=torch.bool)
     outside[:, 3 : 3 + queries, 2 : 2 + count] = False
     assert bool((buffer[outside] == 7777).all())
@@ -406,8 +410,8 @@ def test_selection_kernels_write_into_slice():
 
 def test_selection_kernels_reject_bad_out():
     scores = torch.randn(1, 4, 300)
-    with pytest.raises(ValueError, match="int64"):
-        select_rows_cpu(scores, 16, out=torch.empty(1, 4, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int64 or int32"):
+        select_rows_cpu(scores, 16, out=torch.empty(1, 4, 16, dtype=torch.int16))
     with pytest.raises(ValueError, match=r"shape \(1, 4, 16\)"):
         select_rows_cpu(scores, 16, out=torch.empty(1, 4, 17, dtype=torch.int64))
     with pytest.raises(ValueError, match="unit stride"):

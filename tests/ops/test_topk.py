@@ -386,22 +386,23 @@ def test_bf16_product_changes_few_keys():
     assert 0.9 <= kept_share < 1.0, kept_share
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize(("queries", "keys", "top_k"), [(40, 40, 16), (12, 900, 64), (5, 30, 64)])
-def test_out_buffer_receives_the_selection(monkeypatch, cpu_kernels, queries, keys, top_k):
-    """With `out` (a strided slice of a larger buffer), the selection is written there and returned,
-    on the C++ path and on the PyTorch one, and the rest of the buffer is left alone."""
+def test_out_buffer_receives_the_selection(monkeypatch, cpu_kernels, queries, keys, top_k, dtype):
+    """With `out` (a strided slice of a larger int64 or int32 buffer), the selection is written there and
+    returned, on the C++ path and on the PyTorch one, and the rest of the buffer is left alone."""
     if not cpu_kernels:
         monkeypatch.setattr(topk_torch_module, "select_rows_cpu_applies", lambda scores: False)
         monkeypatch.setattr(topk_torch_module, "select_chunk_cpu", lambda *args, **kwargs: None)
     q, k, w = _inputs(2, queries, keys, heads=4, head_dim=32, seed=queries)
     width = min(top_k, keys)
-    buffer = torch.full((2, queries + 3, width + 4), 7777, dtype=torch.int64)
+    buffer = torch.full((2, queries + 3, width + 4), 7777, dtype=dtype)
     target = buffer[:, 1 : 1 + queries, :width]
     with torch.no_grad():
         result = select_topk_torch(q, k, w, top_k, chunk_size=8, out=target)
     assert result is target
-    assert torch.equal(target, select_topk_reference(q, k, w, top_k))
+    assert torch.equal(target.long(), select_topk_reference(q, k, w, top_k))
     outside = torch.ones_like(buffer, dtype=torch.bool)
     outside[:, 1 : 1 + queries, :width] = False
     assert bool((buffer[outside] == 7777).all())
@@ -411,5 +412,5 @@ def test_out_buffer_wrong_shape_rejected():
     q, k, w = _inputs(1, 6, 50)
     with pytest.raises(ValueError, match=r"shape \(1, 6, 16\)"):
         select_topk_torch(q, k, w, 16, out=torch.empty(1, 6, 50, dtype=torch.int64))
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(ValueError, match="int64 or int32"):
         select_topk_torch(q, k, w, 16, out=torch.empty(1, 6, 16, dtype=torch.float32))

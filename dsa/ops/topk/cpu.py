@@ -33,8 +33,8 @@ def select_rows_cpu(scores: torch.Tensor, count: int, out: torch.Tensor | None =
     """Return indices [..., count] (int64, ascending, -1 after a row's last visible key) of each row's
     `count` largest scores [..., S'] (invisible keys -inf), ties at the boundary to the lowest index.
 
-    With `out` (int64, scores' leading shape by count, unit stride along count, such as a slice of a
-    larger buffer), the kernel writes there and returns it, and no result tensor is allocated.
+    With `out` (int64 or int32, scores' leading shape by count, unit stride along count, such as a slice
+    of a larger buffer), the kernel writes there and returns it, and no result tensor is allocated.
     Callers check `select_rows_cpu_applies` first.
     """
     kernels = cpu_kernels()

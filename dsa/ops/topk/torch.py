@@ -47,9 +47,9 @@ def select_topk_torch(
 ) -> torch.Tensor:
     """Return indices [B, T, K] (int64) for q_idx [B, T, HI, DI], k_idx [B, S, DI], weights [B, T, HI].
 
-    With `out` (int64 [B, T, K] on q_idx's device, unit stride along K) the indices are written there
-    and `out` is returned; the fused prefill passes one buffer for all its blocks. The CPU kernels then
-    write their rows straight into it.
+    With `out` (int64 or int32 [B, T, K] on q_idx's device, unit stride along K) the indices are
+    written there and `out` is returned; the fused prefill passes one int32 buffer for all its blocks.
+    The CPU kernels then write their rows straight into it.
 
     `score_dtype` torch.bfloat16 runs the q . k product of the scores in bf16, as
     `index_scores_reference(..., score_dtype=torch.bfloat16)` defines it; k_idx already in bf16 (a
@@ -146,7 +146,7 @@ def _hide_invisible(
 def _topk_rows(scores: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Return ascending indices [B, Tc, width] (-1 after the last) for scores [B, Tc, S'] whose invisible
     keys are already -inf, without the [B, Tc, S'] masks and cumulative sums of `_choose`. With `out`
-    ([B, Tc, width] int64, unit stride along width) they are written there.
+    ([B, Tc, width] int64 or int32, unit stride along width) they are written there.
 
     fp32 scores on the CPU go to the C++ kernel (`dsa.ops.topk.cpu`), which writes into `out` directly.
     Otherwise each row takes `topk`'s set, which is the tie rule's set unless a score equal to the row's
