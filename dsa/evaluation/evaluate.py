@@ -89,6 +89,7 @@ def _configure(model, kind: str, top_k: int | None, measure_recall: bool) -> Non
     if top_k is not None:
         dsa.update_config(model, top_k=top_k)
     runtime.measure_recall = measure_recall
+    runtime.recall_rows = 0  # every query row: the evaluation reports recall, training logs only sample it
 
 
 def _layer_recalls(model) -> dict[int, float]:

@@ -73,6 +73,12 @@ class DSATrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Sparse stage: peak learning rate of the indexer; unset (None) means 1e-4."}
     )
     indexer_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the indexer KL added to the LM loss."})
+    recall_sample_rows: int = field(
+        default=512,
+        metadata={"help": "Query rows per sequence whose recall a logging step measures, in 8 evenly spaced blocks "
+                          "(rows; 0 measures every row). Each measured row costs a top-k selection and a dense "
+                          "attention pass in every sparse layer: at 8192 tokens, every row took half of a logging step."},
+    )
     use_lora: bool = field(default=False, metadata={"help": "Sparse stage: train LoRA adapters (PEFT) instead of all base weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (alpha)."})
@@ -87,6 +93,11 @@ class DSATrainingArguments(TrainingArguments):
             self.learning_rate = DEFAULT_LEARNING_RATES[self.stage]
         if self.indexer_learning_rate is None:
             self.indexer_learning_rate = self.learning_rate if self.stage == "warmup" else DEFAULT_INDEXER_LEARNING_RATE
+        if self.recall_sample_rows < 0:
+            raise ValueError(
+                f"--recall_sample_rows {self.recall_sample_rows} is invalid; expected a number of rows >= 1, or 0 to "
+                "measure every row."
+            )
         if self.use_lora and self.stage != "sparse":
             raise ValueError("--use_lora applies to the sparse stage only; the warm-up stage trains the indexer alone.")
         super().__post_init__()

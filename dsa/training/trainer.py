@@ -106,6 +106,7 @@ class DSATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         runtime = get_runtime(self.accelerator.unwrap_model(model))
         runtime.measure_recall = model.training and self._logging_next_step()
+        runtime.recall_rows = self.args.recall_sample_rows
         if runtime.mode == "warmup" and not _split_parameters(model)[0]:
             inputs = _without_lm_head(self.accelerator.unwrap_model(model), inputs)
         try:

@@ -116,6 +116,22 @@ def test_invalid_stage_rejected(tiny_checkpoint, text_file, tmp_path):
                     str(text_file), "--output_dir", str(tmp_path), *COMMON])
 
 
+def test_negative_recall_sample_rejected(tiny_checkpoint, text_file, tmp_path):
+    with pytest.raises(ValueError, match="--recall_sample_rows -1 is invalid"):
+        train_main(["--recall_sample_rows", "-1", "--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path",
+                    str(text_file), "--output_dir", str(tmp_path), *COMMON])
+
+
+def test_sampled_recall_is_logged(tiny_checkpoint, text_file, tmp_path):
+    """With fewer sampled rows than tokens, logging steps still log a recall between 0 and 1."""
+    output = tmp_path / "sampled"
+    train_main(["--model_name_or_path", str(tiny_checkpoint), "--dataset_name_or_path", str(text_file),
+                "--output_dir", str(output), "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
+                "--recall_sample_rows", "32", *COMMON])
+    recalls = [entry["recall"] for entry in _history(output)]
+    assert len(recalls) == 2 and all(0.0 < recall <= 1.0 for recall in recalls)
+
+
 def test_report_to_tensorboard(tiny_checkpoint, text_file, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed")
     output = tmp_path / "tb"

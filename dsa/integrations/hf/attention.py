@@ -197,10 +197,63 @@ def _score_dtype(config) -> torch.dtype:
     return torch.bfloat16 if config.indexer_score_dtype == "bfloat16" else torch.float32
 
 
-def _measure_recall(state, q, k, indices, scaling, mask_args) -> None:
-    state.recall = state.runtime.backend.attention_recall(
-        q, k, indices, scaling, chunk_elements=state.runtime.config.loss_chunk_elements, **mask_args
+RECALL_BLOCKS = 8
+"""Blocks of consecutive query rows whose recall a sampled measurement averages (DSARuntime.recall_rows)."""
+
+
+def _recall_blocks(queries: int, rows: int) -> list[tuple[int, int]]:
+    """Return the query blocks [start, stop) a recall measurement covers: all queries when `rows` is 0 or
+    at least `queries`, else RECALL_BLOCKS blocks of rows / RECALL_BLOCKS queries, evenly spaced from the
+    first query to the last, so that short and long contexts both count."""
+    if rows <= 0 or rows >= queries:
+        return [(0, queries)]
+    size = max(1, rows // RECALL_BLOCKS)
+    last = queries - size
+    starts = sorted({round(i * last / (RECALL_BLOCKS - 1)) for i in range(RECALL_BLOCKS)})
+    return [(start, start + size) for start in starts]
+
+
+def _block_mask_args(mask_args: dict, start: int, stop: int) -> tuple[int, dict]:
+    """Return (key span, mask arguments) for queries [start, stop): keys past the block's last query are
+    invisible to all of it, so the block sees the first q_start + stop keys."""
+    q_start = mask_args["q_start"]
+    span = q_start + stop
+    padding, rows = mask_args["key_padding_mask"], mask_args["attention_mask"]
+    return span, dict(
+        q_start=q_start + start,
+        key_padding_mask=None if padding is None else padding[:, :span],
+        attention_mask=None if rows is None else rows[:, start:stop, :span],
     )
+
+
+@torch.no_grad()
+def _measure_recall(state, q, k, scaling, mask_args, indices=None, indexer_inputs=None) -> None:
+    """Store in state.recall the dense attention mass the selection covers, averaged over the query rows
+    of `_recall_blocks`. Pass the index sets [B, T, K] of every query, or the indexer inputs (q_idx, k_idx,
+    weights), from which only the measured rows are selected."""
+    runtime = state.runtime
+    blocks = _recall_blocks(q.shape[1], runtime.recall_rows)
+    recalls = []
+    for start, stop in blocks:
+        span, block_args = _block_mask_args(mask_args, start, stop)
+        if indices is not None:
+            block_indices = indices[:, start:stop]
+        else:
+            q_idx, k_idx, weights = indexer_inputs
+            block_indices = _select(
+                runtime, q[:, start:stop], k[:, :span], q_idx[:, start:stop], k_idx[:, :span], weights[:, start:stop],
+                scaling, block_args,
+            )
+        recall = runtime.backend.attention_recall(
+            q[:, start:stop], k[:, :span], block_indices, scaling, chunk_elements=runtime.config.loss_chunk_elements,
+            **block_args,
+        )
+        recalls.append(recall)
+    if len(blocks) == 1:
+        state.recall = recalls[0]
+    else:
+        rows = torch.tensor([stop - start for start, stop in blocks], dtype=torch.float32, device=q.device)
+        state.recall = (torch.stack(recalls) * rows).sum() / rows.sum()
 
 
 def _fused_prefill_applies(runtime, queries: int, keys: int, *tensors: torch.Tensor) -> bool:
@@ -286,9 +339,7 @@ def dsa_attention_forward(
                 q.detach(), k.detach(), q_idx, k_idx, weights, scaling, chunk_elements=config.loss_chunk_elements, **mask_args
             )
         if runtime.measure_recall:
-            with torch.no_grad():
-                indices = _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args)
-            _measure_recall(state, q, k, indices, scaling, mask_args)
+            _measure_recall(state, q, k, scaling, mask_args, indexer_inputs=(q_idx, k_idx, weights))
         return out
 
     if dropout:
@@ -304,7 +355,7 @@ def dsa_attention_forward(
     indices = _select(runtime, q, k, q_idx, k_idx, weights, scaling, mask_args)
     state.keys_per_query = (indices >= 0).sum(dim=-1)
     if runtime.measure_recall:
-        _measure_recall(state, q, k, indices, scaling, mask_args)
+        _measure_recall(state, q, k, scaling, mask_args, indices=indices)
     if keys <= config.top_k:
         # Every query selected all of its visible keys, so sparse attention equals dense attention:
         # run SDPA, which gives bit-identical outputs to the unconverted model and is faster here.

@@ -29,6 +29,9 @@ class DSARuntime:
     # When True, each converted layer stores the dense attention mass its selection covers (costs a
     # dense attention pass per layer; for logging and evaluation).
     measure_recall: bool = False
+    # Query rows per sequence whose recall is measured, in RECALL_BLOCKS evenly spaced blocks; 0 measures
+    # every row. Training logs sample rows (DSATrainingArguments.recall_sample_rows); evaluation keeps 0.
+    recall_rows: int = 0
     layers: list["LayerState"] = field(default_factory=list)
     # The last decode mask found to hide no key: (weak reference to the mask transformers passed, its
     # version, the keys checked). Every layer of one forward receives the same mask, so one check serves all.
