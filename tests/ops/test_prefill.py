@@ -109,11 +109,16 @@ def test_union_path_blocks_of_one_tile(monkeypatch):
     whatever chunk_size, so that the selection's scores and index sets stay one tile's."""
     calls = []
     original = prefill_module._union_forward
-    monkeypatch.setattr(prefill_module, "_union_forward", lambda q, *a, **kw: calls.append(q.shape[1]) or original(q, *a, **kw))
+    dtypes = []
+    monkeypatch.setattr(
+        prefill_module, "_union_forward",
+        lambda q, k, v, indices, *a, **kw: calls.append(q.shape[1]) or dtypes.append(indices.dtype) or original(q, k, v, indices, *a, **kw),
+    )
     inputs = _inputs(1, 150, 150, seed=3)
     with torch.no_grad():
         out, counts = sparse_prefill_torch(**inputs, top_k=24, chunk_size=256)
         expected_out, expected_counts = sparse_prefill_reference(**inputs, top_k=24)
     assert calls == [64, 64, 22]
+    assert dtypes == [torch.int32] * 3  # the prefill's index buffer
     assert_close("out", out, expected_out, atol=2e-6, rtol=2e-6)
     assert torch.equal(counts, expected_counts)

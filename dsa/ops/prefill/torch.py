@@ -126,10 +126,10 @@ def sparse_prefill_torch(
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     counts = torch.empty(batch, queries, dtype=torch.int64, device=q.device)
-    # One index buffer for all blocks: the selection writes each block's rows into it. The C++ attention
-    # reads int32 rows, half the bytes of int64 (256 KiB at 32 queries and top_k 2048); the tile-union
-    # forward gathers with int64 rows.
-    index_dtype = torch.int32 if attend_in_kernel and keys <= torch.iinfo(torch.int32).max else torch.int64
+    # One index buffer for all blocks: the selection writes each block's rows into it, in int32, half the
+    # bytes of int64 (256 KiB at 32 queries and top_k 2048), which the C++ attention and the tile-union
+    # forward both read.
+    index_dtype = torch.int32 if keys <= torch.iinfo(torch.int32).max else torch.int64
     block_indices = torch.empty(batch, min(block, queries), min(top_k, keys), dtype=index_dtype, device=q.device)
     for start in range(0, queries, block):
         stop = min(start + block, queries)
@@ -144,9 +144,8 @@ def sparse_prefill_torch(
             out=block_indices[:, : stop - start, : min(top_k, span)],
         )
         if attend_in_kernel:
-            block_out = sparse_attention_cpu(q[:, start:stop], k[:, :span], v[:, :span], indices, scale)
+            out[:, start:stop] = sparse_attention_cpu(q[:, start:stop], k[:, :span], v[:, :span], indices, scale)
         else:
-            block_out, _ = _union_forward(q[:, start:stop], k[:, :span], v[:, :span], indices, scale, block, need_lse=False)
-        out[:, start:stop] = block_out
+            _union_forward(q[:, start:stop], k[:, :span], v[:, :span], indices, scale, block, need_lse=False, out=out[:, start:stop])
         counts[:, start:stop] = (indices >= 0).sum(dim=-1)
     return out, counts

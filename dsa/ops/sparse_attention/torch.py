@@ -161,7 +161,9 @@ PREFIX_SHARE = 0.75
 place (a view) instead of gathering the union."""
 
 
-def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _union_forward(
+    q, k, v, indices, scale: float, chunk_size: int, need_lse: bool, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward pass without autograd that gathers each tile's union of selected keys once.
 
     Consecutive queries select overlapping sets: on SmolLM2 over real text, 64 queries with 256 keys
@@ -171,16 +173,22 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
     and runs PyTorch's fused `scaled_dot_product_attention` over it, with each query's own set as a
     boolean mask. With `need_lse` the tile runs unfused products instead, which also give the
     log-sum-exp. A tile whose union is wider than UNION_WIDTH_FACTOR * K falls back to per-query
-    gathers (`_per_query_forward`), which do less arithmetic there.
+    gathers (`_per_query_forward`), which do less arithmetic there. With `out` (q's shape and dtype,
+    contiguous in its last two dims, such as a block of the fused prefill's output) the result is
+    written there.
     """
     batch, queries, heads, head_dim = q.shape
     keys, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     slots = indices.shape[-1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, queries, heads, dtype=torch.float32, device=q.device) if need_lse else None
     present = torch.zeros(keys + 1, dtype=torch.bool, device=q.device)
-    position = torch.empty(keys + 1, dtype=torch.int64, device=q.device)
+    # int32 index rows (the fused prefill's buffer) stay int32 here: the tile's masks are set by indexing,
+    # which takes either dtype, so no int64 copy of the rows is made.
+    position = torch.empty(keys + 1, dtype=indices.dtype, device=q.device)
+    tile_rows = torch.arange(UNION_TILE, dtype=indices.dtype, device=q.device).unsqueeze(1)
     for b in range(batch):
         # [HKV, S, D] views; for the Hugging Face cache layout these are contiguous.
         k_heads, v_heads = k[b].transpose(0, 1), v[b].transpose(0, 1)
@@ -189,14 +197,15 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
             tile = stop - start
             idx = indices[b, start:stop]
             valid = idx >= 0
-            slot_keys = torch.where(valid, idx, keys)  # -1 slots go to the spare entry S
+            slot_keys = torch.where(valid, idx, keys)  # -1 slots go to the spare entry S; idx's dtype
             present.zero_()
             present[slot_keys.flatten()] = True
             union = present[:keys].nonzero().squeeze(1)
             width = union.numel()
             if width > UNION_WIDTH_FACTOR * slots or width == 0:
                 chunk_out, chunk_lse = _per_query_forward(
-                    q[b : b + 1, start:stop], k[b : b + 1], v[b : b + 1], indices[b : b + 1, start:stop], scale, chunk_size
+                    q[b : b + 1, start:stop], k[b : b + 1], v[b : b + 1], indices[b : b + 1, start:stop].long(), scale,
+                    chunk_size,
                 )
                 out[b, start:stop] = chunk_out[0]
                 if lse is not None:
@@ -208,30 +217,35 @@ def _union_forward(q, k, v, indices, scale: float, chunk_size: int, need_lse: bo
                 # the few unselected keys masked, instead of gathering. U is then the prefix.
                 width = span
                 keep = torch.zeros(tile, width + 1, dtype=torch.bool, device=q.device)
-                keep.scatter_(1, torch.clamp_max(slot_keys, width), True)
+                keep[tile_rows[:tile], torch.clamp_max(slot_keys, width)] = True
                 keep = keep[:, :width]  # [Tq, U]
                 k_sel, v_sel = k_heads[:, :width], v_heads[:, :width]
             else:
-                position[union] = torch.arange(width, device=q.device)
+                position[union] = torch.arange(width, dtype=position.dtype, device=q.device)
                 position[keys] = width
                 keep = torch.zeros(tile, width + 1, dtype=torch.bool, device=q.device)
-                keep.scatter_(1, position[slot_keys], True)
+                keep[tile_rows[:tile], position[slot_keys]] = True
                 keep = keep[:, :width]  # [Tq, U]
                 k_sel, v_sel = k_heads.index_select(1, union), v_heads.index_select(1, union)  # [HKV, U, D]
+            # [Tq, H, D] viewed as [Tq, HKV, G, D], the layout of the tile's output rows too.
+            out_tile = out[b, start:stop].view(tile, kv_heads, groups, head_dim)
+            if lse is None:
+                # A strided view of q as [HKV, G, Tq, D]; the output goes straight into out, without the
+                # [HKV, Tq * G, D] copies the unfused products need.
+                q_heads = q[b, start:stop].view(tile, kv_heads, groups, head_dim).permute(1, 2, 0, 3)
+                out_tile.copy_(_fused_tile(q_heads, k_sel, v_sel, keep, scale).permute(2, 0, 1, 3))
+                continue
             # [Tq, H, D] -> [HKV, Tq * G, D], rows ordered (t, g)
             q_tile = q[b, start:stop].reshape(tile, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, tile * groups, head_dim)
-            if lse is None:
-                tile_out = _fused_tile(q_tile, k_sel, v_sel, keep, groups, scale)
-            else:
-                tile_out, tile_lse = _unfused_tile(q_tile.float(), k_sel.float(), v_sel.float(), keep, groups, scale)
-                lse[b, start:stop] = tile_lse.permute(1, 0, 2).reshape(tile, heads)
-            # [HKV, Tq * G, D] -> [Tq, HKV, G, D] -> [Tq, H, D]
-            out[b, start:stop] = tile_out.view(kv_heads, tile, groups, head_dim).permute(1, 0, 2, 3).reshape(tile, heads, head_dim).to(q.dtype)
+            tile_out, tile_lse = _unfused_tile(q_tile.float(), k_sel.float(), v_sel.float(), keep, groups, scale)
+            lse[b, start:stop] = tile_lse.permute(1, 0, 2).reshape(tile, heads)
+            # [HKV, Tq * G, D] -> [Tq, HKV, G, D]
+            out_tile.copy_(tile_out.view(kv_heads, tile, groups, head_dim).permute(1, 0, 2, 3))
     return out, lse
 
 
-def _fused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> torch.Tensor:
-    """Return out [HKV, Tq * G, D] (fp32) of SDPA for q_tile [HKV, Tq * G, D] over k_sel, v_sel [HKV, U, D].
+def _fused_tile(q_heads, k_sel, v_sel, keep, scale: float) -> torch.Tensor:
+    """Return out [HKV, G, Tq, D] (fp32) of SDPA for q_heads [HKV, G, Tq, D] over k_sel, v_sel [HKV, U, D].
 
     Query t may attend union key u when keep[t, u]. A query without keys gets 0. The G query heads of a
     kv head run as SDPA heads that share its keys (`enable_gqa`), so the [Tq, U] mask broadcasts over
@@ -239,19 +253,16 @@ def _fused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> torch.
     on the CPU, against 3 to 4 MiB this way, for about 5% more time per tile.
     NOTE: SDPA with both enable_gqa and a mask has only run on the CPU here, not on a GPU.
     """
-    kv_heads, rows, head_dim = q_tile.shape
-    tile = keep.shape[0]
     dtype = torch.float32
-    q_heads = q_tile.to(dtype).view(kv_heads, tile, groups, head_dim).transpose(1, 2)  # [HKV, G, Tq, D]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q_heads, k_sel.to(dtype).unsqueeze(1), v_sel.to(dtype).unsqueeze(1), attn_mask=keep, scale=scale, enable_gqa=True
+        q_heads.to(dtype), k_sel.to(dtype).unsqueeze(1), v_sel.to(dtype).unsqueeze(1), attn_mask=keep, scale=scale,
+        enable_gqa=True,
     )
-    tile_out = out.transpose(1, 2).reshape(kv_heads, rows, head_dim)  # rows ordered (t, g) again
     empty = ~keep.any(dim=-1)
     if bool(empty.any()):
         # SDPA returns NaN for a row whose keys are all masked out.
-        tile_out.view(kv_heads, tile, groups, head_dim)[:, empty] = 0.0
-    return tile_out
+        out[:, :, empty] = 0.0
+    return out
 
 
 def _unfused_tile(q_tile, k_sel, v_sel, keep, groups: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
