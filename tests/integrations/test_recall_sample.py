@@ -15,9 +15,11 @@ def test_recall_blocks_span_first_to_last_query():
     blocks = _recall_blocks(8192, 512)
     assert len(blocks) == RECALL_BLOCKS
     assert all(stop - start == 512 // RECALL_BLOCKS for start, stop in blocks)
-    assert blocks[0][0] == 0 and blocks[-1][1] == 8192
+    assert blocks[0][0] == 0
+    assert blocks[-1][1] == 8192
     starts = [start for start, _ in blocks]
-    assert starts == sorted(starts) and len(set(starts)) == RECALL_BLOCKS
+    assert starts == sorted(starts)
+    assert len(set(starts)) == RECALL_BLOCKS
     assert _recall_blocks(8192, 0) == [(0, 8192)]
     assert _recall_blocks(300, 512) == [(0, 300)]
     # Fewer rows than blocks: one row per block.
@@ -37,7 +39,7 @@ def _inputs(seed: int, queries: int = 40, keys: int = 40):
 @pytest.mark.parametrize("from_indices", [False, True])
 def test_sampled_recall_equals_reference_over_the_blocks(from_indices):
     """With recall_rows 16 at T 40, the measurement averages 8 blocks of 2 rows, each selected and
-    measured as the references do for those rows alone (a block sees the keys up to its last query)."""
+    measured as the references do for those rows alone (a block attends the keys up to its last query)."""
     top_k = 8
     model = dsa.convert(tiny_model(), dsa.DSAConfig(indexer_heads=2, indexer_head_dim=16, rope_dim=8, top_k=top_k))
     runtime = dsa.get_runtime(model)

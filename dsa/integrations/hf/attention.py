@@ -202,9 +202,9 @@ RECALL_BLOCKS = 8
 
 
 def _recall_blocks(queries: int, rows: int) -> list[tuple[int, int]]:
-    """Return the query blocks [start, stop) a recall measurement covers: all queries when `rows` is 0 or
-    at least `queries`, else RECALL_BLOCKS blocks of rows / RECALL_BLOCKS queries, evenly spaced from the
-    first query to the last, so that short and long contexts both count."""
+    """Return the query blocks [start, stop) a recall measurement covers. That is every query when `rows`
+    is 0 or at least `queries`. Otherwise it is RECALL_BLOCKS blocks of rows / RECALL_BLOCKS queries (at
+    least one), evenly spaced from the first query to the last, so that short and long contexts both count."""
     if rows <= 0 or rows >= queries:
         return [(0, queries)]
     size = max(1, rows // RECALL_BLOCKS)
@@ -214,8 +214,8 @@ def _recall_blocks(queries: int, rows: int) -> list[tuple[int, int]]:
 
 
 def _block_mask_args(mask_args: dict, start: int, stop: int) -> tuple[int, dict]:
-    """Return (key span, mask arguments) for queries [start, stop): keys past the block's last query are
-    invisible to all of it, so the block sees the first q_start + stop keys."""
+    """Return (key span, mask arguments) for queries [start, stop). Keys past the block's last query are
+    invisible to all of it, so the block attends the first q_start + stop keys at most."""
     q_start = mask_args["q_start"]
     span = q_start + stop
     padding, rows = mask_args["key_padding_mask"], mask_args["attention_mask"]

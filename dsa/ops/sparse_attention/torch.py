@@ -185,7 +185,7 @@ def _union_forward(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, queries, heads, dtype=torch.float32, device=q.device) if need_lse else None
     present = torch.zeros(keys + 1, dtype=torch.bool, device=q.device)
-    # int32 index rows (the fused prefill's buffer) stay int32 here: the tile's masks are set by indexing,
+    # int32 index rows (the fused prefill's buffer) stay int32 here. The tile's masks are set by indexing,
     # which takes either dtype, so no int64 copy of the rows is made.
     position = torch.empty(keys + 1, dtype=indices.dtype, device=q.device)
     tile_rows = torch.arange(UNION_TILE, dtype=indices.dtype, device=q.device).unsqueeze(1)
@@ -197,7 +197,7 @@ def _union_forward(
             tile = stop - start
             idx = indices[b, start:stop]
             valid = idx >= 0
-            slot_keys = torch.where(valid, idx, keys)  # -1 slots go to the spare entry S; idx's dtype
+            slot_keys = torch.where(valid, idx, keys)  # -1 slots go to the spare entry S, in idx's dtype
             present.zero_()
             present[slot_keys.flatten()] = True
             union = present[:keys].nonzero().squeeze(1)
@@ -230,8 +230,8 @@ def _union_forward(
             # [Tq, H, D] viewed as [Tq, HKV, G, D], the layout of the tile's output rows too.
             out_tile = out[b, start:stop].view(tile, kv_heads, groups, head_dim)
             if lse is None:
-                # A strided view of q as [HKV, G, Tq, D]; the output goes straight into out, without the
-                # [HKV, Tq * G, D] copies the unfused products need.
+                # SDPA reads a strided view of q as [HKV, G, Tq, D], and its output is copied once into out,
+                # without the [HKV, Tq * G, D] copies that the unfused products need.
                 q_heads = q[b, start:stop].view(tile, kv_heads, groups, head_dim).permute(1, 2, 0, 3)
                 out_tile.copy_(_fused_tile(q_heads, k_sel, v_sel, keep, scale).permute(2, 0, 1, 3))
                 continue
