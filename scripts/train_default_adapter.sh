@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Reproduce adapters/smollm2-135m: indexer warm-up of the embedded SmolLM2-135M-Instruct on War and Peace,
-# one CPU process, in three runs:
+# one CPU process, in five runs:
 #   1. 200 steps of one 2048-token sequence from a fresh indexer (peak learning rate 1e-3), then a bf16
 #      copy of the adapter with the five dense layers chosen by `dsa layers`;
-#   2-3. 40, then 60 more steps of one 4096-token sequence (peak learning rate 3e-4, seeds 1 and 2), each
-#      run starting from the adapter of the one before;
-# then a bf16 copy of the last adapter, with the Trainer logs of all three runs.
-# On an idle 2-core CPU: about 45 minutes for run 1 (13 s per step) and 42 for runs 2-3 (25 s per step).
+#   2-3. 40, then 60 more steps of one 4096-token sequence (peak learning rate 3e-4, seeds 1 and 2);
+#   4-5. 40, then 20 more steps of one 8192-token sequence (peak learning rate 3e-4, seeds 4 and 5; run 4
+#      started from the bf16 copy of run 3's adapter);
+# each run starting from the adapter of the one before, then a bf16 copy of the last adapter, with the
+# Trainer logs of all five runs.
+# On an idle 2-core CPU: about 45 minutes for run 1 (13 s per step), 42 for runs 2-3 (25 s per step) and
+# 70 for runs 4-5 (65 s per step).
 # Extra arguments go to every `dsa train` run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,8 +54,22 @@ for stage in "1 40" "2 60"; do
     previous="$RUNS/4096-$seed/adapter"
 done
 
+# Run 4 started from the bf16 adapter that runs 1-3 shipped.
+bf16_copy "$previous" "$RUNS/4096-bf16"
+previous="$RUNS/4096-bf16"
+for stage in "4 40 4" "5 20 2"; do
+    read -r seed steps warmup <<<"$stage"
+    python -m dsa.train "${common[@]}" --indexer_path "$previous" \
+        --output_dir "$RUNS/8192-$seed" --model_max_length 8192 --logging_steps 10 \
+        --max_steps "$steps" --learning_rate 3e-4 --warmup_steps "$warmup" --save_steps "$steps" --seed "$seed" "$@"
+    previous="$RUNS/8192-$seed/adapter"
+done
+
 bf16_copy "$previous" "$ADAPTER"
 cp "$RUNS/2048/trainer_state.json" "$ADAPTER/trainer_state-2048.json"
 for seed in 1 2; do
     cp "$RUNS/4096-$seed/trainer_state.json" "$ADAPTER/trainer_state-4096-$seed.json"
+done
+for seed in 4 5; do
+    cp "$RUNS/8192-$seed/trainer_state.json" "$ADAPTER/trainer_state-8192-$seed.json"
 done
