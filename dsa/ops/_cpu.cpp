@@ -480,7 +480,7 @@ void attend_row(const vec (&q)[G][DV], const int64_t* idx, int64_t count, const 
     }
 }
 
-// Index rows of int32 or int64 keys, as the caller passed them: the fused prefill's buffer is int32.
+// Index rows of int32 or int64 keys, as the caller passed them. The fused prefill's buffer is int32.
 struct IndexRows {
   const void* ptr;
   bool narrow;  // int32 entries

@@ -45,9 +45,10 @@ def sparse_attention_cpu_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
-    """Return out [B, T, H, D] for q [B, T, H, D], k and v [B, S, HKV, D] and indices [B, T, K] (int64 or
-    int32, read as given; -1 in empty slots; a row without keys gives 0). Callers check
-    `sparse_attention_cpu_applies` first."""
+    """Return out [B, T, H, D] for q [B, T, H, D], k and v [B, S, HKV, D] and indices [B, T, K].
+
+    The indices are int64 or int32 (read as given), with -1 in empty slots, and a row without keys gives
+    0. Callers check `sparse_attention_cpu_applies` first."""
     kernels = cpu_kernels()
     assert kernels is not None, "call sparse_attention_cpu_applies() before sparse_attention_cpu()"
     if indices.dtype != torch.int32:
