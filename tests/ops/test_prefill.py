@@ -105,8 +105,8 @@ def test_prefill_rejects_mismatched_indexer_inputs():
 
 
 def test_union_path_blocks_of_one_tile(monkeypatch):
-    """Without the CPU attention kernel (head dim 16), CPU blocks hold one tile of the tile-union forward,
-    whatever chunk_size, so that the selection's scores and index sets stay one tile's."""
+    """Without the CPU attention kernel (head dim 16), CPU blocks hold one tile of CPU_UNION_BLOCK queries,
+    whatever chunk_size, so that the selection's scores, index sets and SDPA output stay one tile's."""
     calls = []
     original = prefill_module._union_forward
     dtypes = []
@@ -118,7 +118,8 @@ def test_union_path_blocks_of_one_tile(monkeypatch):
     with torch.no_grad():
         out, counts = sparse_prefill_torch(**inputs, top_k=24, chunk_size=256)
         expected_out, expected_counts = sparse_prefill_reference(**inputs, top_k=24)
-    assert calls == [64, 64, 22]
-    assert dtypes == [torch.int32] * 3  # the prefill's index buffer
+    assert prefill_module.CPU_UNION_BLOCK == 32
+    assert calls == [32, 32, 32, 32, 22]
+    assert dtypes == [torch.int32] * 5  # the prefill's index buffer
     assert_close("out", out, expected_out, atol=2e-6, rtol=2e-6)
     assert torch.equal(counts, expected_counts)
